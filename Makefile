@@ -1,0 +1,29 @@
+# Two commands for a newcomer: `make demo` and `make test`. Both install into .venv first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test lint clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "setuptools>=64" wheel
+	# --no-build-isolation: compile vgs_kernels._C against the torch installed above
+	$(PY) -m pip install -q --no-build-isolation -e ".[train,bench,dev]"
+
+demo: install
+	$(PY) -m vgs_kernels.demo
+
+test: install
+	$(PY) -m pytest -q tests
+
+lint: install
+	$(PY) -m ruff check vgs_kernels vgs_train tests benchmarks
+
+clean:
+	rm -rf build *.egg-info vgs_kernels/_C*.so

@@ -1,0 +1,79 @@
+"""Pure-PyTorch row kernel: the ``torch`` backend and the template every compiled backend follows.
+
+The row contract (shared by ``torch``, ``triton``, ``cpu`` and ``cuda``)::
+
+    vgs_rows(zs, zsp, zt, ztp, coef, *, temperature, detach_target_prior, grad_zs, grad_zsp)
+        -> stats [n, 4] float32: (std, vis, lang, vds) per row
+
+* ``zs, zsp, zt, ztp``: [n, V] logits of one dtype (fp32/bf16/fp16/fp64), rows of the student
+  with/without image and the teacher with/without image, already sliced to ``vocab_size``
+  (may be views with a row stride larger than V; the last dim is contiguous).
+* ``coef``: [n, 3] float32, per-row coefficients (c_std, c_vis, c_lang) that already include the
+  reduction weight, gamma and the term weight.
+* ``grad_zs``: None or a float32 [n, V] tensor overwritten with
+  (c_std * p (log p - log q - std) + c_vis * p (log p - log r - vis)) / tau.
+* ``grad_zsp``: None or a float32 [n, V] tensor overwritten with
+  (c_lang * p' (log p' - log q' - lang) + c_prior * (r - p)) / tau,
+  where c_prior = c_vis unless ``detach_target_prior`` (then 0).
+
+All arithmetic is fp32 (fp64 for fp64 inputs). ``-inf`` logits are read as ``NEG_LOGIT`` (a finite
+stand-in giving probability exactly 0), so masked vocabulary entries never produce NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# A finite stand-in for -inf logits: exp() of it underflows to 0, products with 0 stay 0.
+NEG_LOGIT = -1.0e30
+
+
+def scaled_logits(z: torch.Tensor, temperature: float) -> torch.Tensor:
+    """[n, V] logits of any float dtype -> fp32 (fp64 stays fp64) logits / tau, -inf -> NEG_LOGIT."""
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    x = z.to(dtype).clamp_min(NEG_LOGIT)
+    return x / temperature if temperature != 1.0 else x
+
+
+def vgs_rows(
+    zs: torch.Tensor,
+    zsp: torch.Tensor,
+    zt: torch.Tensor,
+    ztp: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    temperature: float,
+    detach_target_prior: bool,
+    grad_zs: torch.Tensor | None = None,
+    grad_zsp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Four KLs per row and (optionally) the logit gradients; see the module docstring."""
+    tau = temperature
+    ls = torch.log_softmax(scaled_logits(zs, tau), dim=-1)
+    xsp = scaled_logits(zsp, tau)
+    lsp = torch.log_softmax(xsp, dim=-1)
+    xt = scaled_logits(zt, tau)
+    lt = torch.log_softmax(xt, dim=-1)
+    xtp = scaled_logits(ztp, tau)
+    ltp = torch.log_softmax(xtp, dim=-1)
+    lr = torch.log_softmax(xsp + xt - xtp, dim=-1)
+    del xsp, xt, xtp
+
+    p = ls.exp()
+    std = (p * (ls - lt)).sum(-1)
+    vis = (p * (ls - lr)).sum(-1)
+    pp = lsp.exp()
+    lang = (pp * (lsp - ltp)).sum(-1)
+    vds = (lt.exp() * (lt - ltp)).sum(-1)
+
+    c_std, c_vis, c_lang = (coef[:, i : i + 1].to(ls.dtype) for i in range(3))
+    if grad_zs is not None:
+        g = p * (c_std * (ls - lt - std[:, None]) + c_vis * (ls - lr - vis[:, None]))
+        grad_zs.copy_(g / tau)
+        del g
+    if grad_zsp is not None:
+        g = pp * (c_lang * (lsp - ltp - lang[:, None]))
+        if not detach_target_prior:
+            g += c_vis * (lr.exp() - p)
+        grad_zsp.copy_(g / tau)
+    return torch.stack([std, vis, lang, vds], dim=1).float()

@@ -1,0 +1,43 @@
+"""``VGSLoss``: an ``nn.Module`` that holds the loss keywords and calls ``fused_linear_vgs_loss``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .loss import VGSOutput, fused_linear_vgs_loss
+from .options import VGSOptions
+
+
+class VGSLoss(nn.Module):
+    """Fused-linear VGS loss with fixed keywords.
+
+    >>> loss_fn = VGSLoss(mode="vgs", alpha=2.0, beta=0.01, gamma=0.41, vocab_size=151643)
+    >>> out = loss_fn(h_s, h_sp, lm_head_s.weight, h_t, h_tp, lm_head_t.weight, mask)
+    """
+
+    def __init__(self, *, chunk_size: int | None = None, backend: str = "auto", **keywords):
+        super().__init__()
+        VGSOptions(**keywords)  # fail at construction, not at the first step
+        self.keywords = dict(keywords, chunk_size=chunk_size, backend=backend)
+
+    def forward(
+        self,
+        student_hidden: torch.Tensor,
+        student_text_hidden: torch.Tensor,
+        student_weight: torch.Tensor,
+        teacher_hidden: torch.Tensor,
+        teacher_text_hidden: torch.Tensor,
+        teacher_weight: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        student_bias: torch.Tensor | None = None,
+        teacher_bias: torch.Tensor | None = None,
+    ) -> VGSOutput:
+        return fused_linear_vgs_loss(
+            student_hidden, student_text_hidden, student_weight,
+            teacher_hidden, teacher_text_hidden, teacher_weight, mask,
+            student_bias=student_bias, teacher_bias=teacher_bias, **self.keywords,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.keywords.items())

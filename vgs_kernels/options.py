@@ -1,0 +1,103 @@
+"""Keyword options of the VGS loss, validated once and shared by every backend."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MODES = ("standard", "vgs", "adaptive", "language")
+REDUCTIONS = ("sequence", "token")
+VDS_SCOPES = ("global", "local")
+
+
+@dataclass(frozen=True)
+class VGSOptions:
+    """The loss keywords of SPEC.md section 2 (everything but the tensors and the backend).
+
+    ``threshold`` is ``None`` (use quantiles of the batch's VDS), a float (the gate threshold
+    theta), or, in ``mode="adaptive"`` only, a pair ``(theta_low, theta_high)`` for the ramp.
+    """
+
+    mode: str = "vgs"
+    alpha: float = 2.0
+    beta: float = 0.01
+    gamma: float = 1.0
+    quantile: float = 0.7
+    adaptive_quantiles: tuple[float, float] = (0.4, 0.7)
+    threshold: float | tuple[float, float] | None = None
+    vds_scope: str = "global"
+    temperature: float = 1.0
+    reduction: str = "sequence"
+    vocab_size: int | None = None
+    detach_target_prior: bool = True
+    return_per_token: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
+        if self.vds_scope not in VDS_SCOPES:
+            raise ValueError(f"vds_scope must be one of {VDS_SCOPES}, got {self.vds_scope!r}")
+        for name in ("alpha", "beta", "gamma"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not isinstance(self.temperature, (int, float)) or not (
+            math.isfinite(self.temperature) and self.temperature > 0
+        ):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+        if not _in_open_unit(self.quantile):
+            raise ValueError(f"quantile must lie in (0, 1), got {self.quantile!r}")
+        aq = self.adaptive_quantiles
+        if (
+            not isinstance(aq, (tuple, list))
+            or len(aq) != 2
+            or not all(_in_open_unit(q) for q in aq)
+            or not aq[0] < aq[1]
+        ):
+            raise ValueError(
+                "adaptive_quantiles must be a pair (low, high) with 0 < low < high < 1, "
+                f"got {aq!r}"
+            )
+        object.__setattr__(self, "adaptive_quantiles", (float(aq[0]), float(aq[1])))
+        self._check_threshold()
+        if self.vocab_size is not None and (
+            isinstance(self.vocab_size, bool)
+            or not isinstance(self.vocab_size, int)
+            or self.vocab_size < 1
+        ):
+            raise ValueError(f"vocab_size must be a positive int or None, got {self.vocab_size!r}")
+
+    def _check_threshold(self) -> None:
+        t = self.threshold
+        if t is None:
+            return
+        if isinstance(t, (tuple, list)):
+            if self.mode != "adaptive":
+                raise ValueError(
+                    f"threshold must be a single float in mode={self.mode!r}; a pair "
+                    f"(theta_low, theta_high) is only meaningful in mode='adaptive', got {t!r}"
+                )
+            if len(t) != 2 or not all(_finite(x) for x in t) or not t[0] <= t[1]:
+                raise ValueError(
+                    f"threshold must be a pair (theta_low, theta_high) with low <= high, got {t!r}"
+                )
+            object.__setattr__(self, "threshold", (float(t[0]), float(t[1])))
+            return
+        if not _finite(t):
+            raise ValueError(f"threshold must be None, a finite float or (adaptive) a pair, got {t!r}")
+        if self.mode == "adaptive":
+            raise ValueError(
+                "mode='adaptive' needs two thresholds: pass threshold=(theta_low, theta_high) "
+                f"or None to use adaptive_quantiles, got {t!r}"
+            )
+        object.__setattr__(self, "threshold", float(t))
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _in_open_unit(q: object) -> bool:
+    return _finite(q) and 0.0 < q < 1.0

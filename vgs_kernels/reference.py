@@ -1,0 +1,61 @@
+"""The materialised reference: every distribution in full, gradients by autograd. The test oracle.
+
+Memory is O(B*T*V) per stream; use it for checking, not for training at scale.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .backends.torch_rows import scaled_logits
+from .driver import DriverResult
+from .options import VGSOptions
+from .threshold import gate_and_ramp
+
+
+def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """KL(a || b) per row from log-probabilities, with 0 * log 0 = 0."""
+    a = log_a.exp()
+    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+
+
+def reference_vgs(
+    zs: torch.Tensor,
+    zsp: torch.Tensor,
+    zt: torch.Tensor,
+    ztp: torch.Tensor,
+    valid_idx: torch.Tensor,
+    weights: torch.Tensor,
+    opts: VGSOptions,
+) -> DriverResult:
+    """[N, V] logits (any float dtype), valid row indices [n_valid], reduction weights [n_valid].
+
+    Computes in fp32 (fp64 for fp64 inputs) and returns a differentiable loss.
+    """
+    tau, vocab = opts.temperature, opts.vocab_size or zs.shape[-1]
+
+    def logp(z):
+        return torch.log_softmax(scaled_logits(z.index_select(0, valid_idx)[:, :vocab], tau), -1)
+
+    x_sp = scaled_logits(zsp.index_select(0, valid_idx)[:, :vocab], tau)
+    ls, lsp, lt, ltp = logp(zs), logp(zsp), logp(zt).detach(), logp(ztp).detach()
+    prior = x_sp.detach() if opts.detach_target_prior else x_sp
+    xt = scaled_logits(zt.index_select(0, valid_idx)[:, :vocab], tau).detach()
+    xtp = scaled_logits(ztp.index_select(0, valid_idx)[:, :vocab], tau).detach()
+    lr = torch.log_softmax(prior + xt - xtp, -1)
+
+    std, vis, lang, vds = _kl(ls, lt), _kl(ls, lr), _kl(lsp, ltp), _kl(lt, ltp)
+    gate, ramp, theta = gate_and_ramp(vds.detach(), opts)
+    w = (weights * opts.gamma).to(std.dtype)
+    a, b = opts.alpha, opts.beta
+    if opts.mode == "standard":
+        per_token = std
+    elif opts.mode == "vgs":
+        per_token = std + a * vis + b * gate * lang
+    elif opts.mode == "adaptive":
+        per_token = std + a * ramp * vis + b * gate * lang
+    else:  # language
+        per_token = std + a * lang + b * gate * vis
+    loss = (w * per_token).sum()
+    stats = torch.stack([std, vis, lang, vds], dim=1).detach().float()
+    return DriverResult(loss=loss, stats=stats, gate=gate, ramp=ramp, theta=theta)

@@ -1,0 +1,114 @@
+"""Input checks: every failure is a ValueError that names the argument and what was expected."""
+
+from __future__ import annotations
+
+import torch
+
+LOGIT_NAMES = ("student_logits", "student_text_logits", "teacher_logits", "teacher_text_logits")
+HIDDEN_NAMES = ("student_hidden", "student_text_hidden", "teacher_hidden", "teacher_text_hidden")
+
+
+def _tensor(name: str, x: object, dims: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if x.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_pairs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dims: tuple[int, ...]):
+    """Four [B, T, X] / [N, X] tensors: student pair and teacher pair equal in shape, the leading
+    dims equal across all four, one device. Returns the leading shape."""
+    for n, t in zip(names, tensors):
+        _tensor(n, t, dims)
+    s, sp, t, tp = tensors
+    if sp.shape != s.shape:
+        raise ValueError(
+            f"{names[1]} must have the shape of {names[0]} {tuple(s.shape)}, got {tuple(sp.shape)}"
+        )
+    if tp.shape != t.shape:
+        raise ValueError(
+            f"{names[3]} must have the shape of {names[2]} {tuple(t.shape)}, got {tuple(tp.shape)}"
+        )
+    if t.shape[:-1] != s.shape[:-1]:
+        raise ValueError(
+            f"{names[2]} must have the leading (token) dims of {names[0]} {tuple(s.shape[:-1])}, "
+            f"got {tuple(t.shape[:-1])}: align the four views on the same response tokens"
+        )
+    devices = {x.device for x in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"{', '.join(names)} must be on one device, got {sorted(map(str, devices))}")
+    return tuple(s.shape[:-1])
+
+
+def check_vocab(vocab_size: int | None, v_student: int, v_teacher: int, what: str) -> int:
+    """The number of vocabulary ids the loss uses."""
+    if vocab_size is None:
+        if v_student != v_teacher:
+            raise ValueError(
+                f"student and teacher {what} disagree on the vocabulary ({v_student} vs "
+                f"{v_teacher}); pass vocab_size=N to compare ids [0, N) only"
+            )
+        return v_student
+    if vocab_size > min(v_student, v_teacher):
+        raise ValueError(
+            f"vocab_size={vocab_size} exceeds the vocabulary of the {what} "
+            f"(student {v_student}, teacher {v_teacher})"
+        )
+    return vocab_size
+
+
+def check_mask(mask: object, lead: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """mask -> bool [B, T] (a [N] mask for [N, V] inputs becomes [1, N])."""
+    if mask is None:
+        out = torch.ones(lead, dtype=torch.bool, device=device)
+    else:
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask must have shape {lead} (the logits' token dims), got {tuple(mask.shape)}")
+        if mask.dtype != torch.bool:
+            if mask.is_floating_point() or mask.is_complex() or ((mask != 0) & (mask != 1)).any():
+                raise ValueError(f"mask must be bool (or integer 0/1), got dtype {mask.dtype}")
+            mask = mask != 0
+        out = mask.to(device)
+    return out.reshape(1, -1) if len(lead) == 1 else out
+
+
+def check_weight(name: str, weight: object, hidden_name: str, hidden: torch.Tensor) -> torch.Tensor:
+    w = _tensor(name, weight, (2,))
+    if w.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{name} must have shape [V, {hidden.shape[-1]}] to match the hidden size of "
+            f"{hidden_name}, got {tuple(w.shape)}"
+        )
+    if w.device != hidden.device:
+        raise ValueError(f"{name} must be on {hidden.device} like {hidden_name}, got {w.device}")
+    return w
+
+
+def check_bias(name: str, bias: object, weight: torch.Tensor) -> torch.Tensor | None:
+    if bias is None:
+        return None
+    b = _tensor(name, bias, (1,))
+    if b.shape[0] != weight.shape[0]:
+        raise ValueError(f"{name} must have shape [{weight.shape[0]}], got {tuple(b.shape)}")
+    return b
+
+
+def raise_non_finite(named_rows: dict[str, torch.Tensor]) -> None:
+    """Called when the KLs came out non-finite: name the stream holding NaN or +inf."""
+    for name, rows in named_rows.items():
+        if torch.isnan(rows).any() or torch.isposinf(rows).any():
+            raise ValueError(f"{name} contains NaN or +inf values (-inf entries are allowed)")
+    raise ValueError("the VGS divergences are not finite; check the inputs for NaN or +inf")
+
+
+def check_same_dtype(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:
+    if tensors[0].dtype != tensors[1].dtype:
+        raise ValueError(
+            f"{names[1]} must have the dtype of {names[0]} ({tensors[0].dtype}), got {tensors[1].dtype}"
+        )
