@@ -16,8 +16,9 @@ runs a teacher-only VDS pre-pass first and then everything (2 + 4 + 2 + 0.6).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F

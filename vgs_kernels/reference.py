@@ -16,7 +16,7 @@ from .threshold import gate_and_ramp
 def _kl(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) per row from log-probabilities, with 0 * log 0 = 0."""
     a = log_a.exp()
-    return torch.where(a > 0, a * (log_a - log_b), torch.zeros_like(a)).sum(-1)
+    return torch.where(a == 0, torch.zeros_like(a), a * (log_a - log_b)).sum(-1)
 
 
 def reference_vgs(

@@ -7,10 +7,9 @@ differentiates with autograd (see :mod:`vgs_kernels.reference`).
 
 from __future__ import annotations
 
-import importlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

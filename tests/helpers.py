@@ -1,0 +1,38 @@
+"""Shared test utilities: random VGS inputs and tensor comparison with useful messages."""
+
+from __future__ import annotations
+
+import torch
+
+MODES = ("standard", "vgs", "adaptive", "language")
+
+
+def ragged_mask(b: int, t: int, seed: int = 0) -> torch.Tensor:
+    """[b, t] bool with ragged valid lengths and sequence 1 empty."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, t, generator=g) > 0.3
+    mask[0, :2] = True
+    mask[1] = False
+    if b > 2:
+        mask[2, t // 2 :] = False
+    return mask
+
+
+def random_logits(b, t, v, dtype=torch.float32, seed=0, scale=2.0, v_teacher=None):
+    g = torch.Generator().manual_seed(seed)
+    vt = v_teacher or v
+    shapes = ((b, t, v), (b, t, v), (b, t, vt), (b, t, vt))
+    return [(torch.randn(s, generator=g) * scale).to(dtype) for s in shapes]
+
+
+def assert_close(actual, expected, rtol, atol_frac, what=""):
+    """|a - e| <= atol_frac * max|e| + rtol * |e| elementwise; None counts as zeros."""
+    if actual is None and expected is None:
+        return
+    if actual is None:
+        actual = torch.zeros_like(expected)
+    if expected is None:
+        expected = torch.zeros_like(actual)
+    a, e = actual.double(), expected.double()
+    scale = e.abs().max().item() if e.numel() else 0.0
+    torch.testing.assert_close(a, e, rtol=rtol, atol=atol_frac * max(scale, 1e-12) + 1e-12, msg=lambda m: f"{what}: {m}")
