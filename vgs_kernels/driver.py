@@ -218,7 +218,11 @@ class LinearSource:
         if stream not in self.grad_hidden:
             self.grad_hidden[stream] = torch.zeros(h.shape, device=h.device)
         self.grad_hidden[stream].index_add_(0, idx, (grad.to(w.dtype) @ w).float())
-        self.grad_weight[: self.vocab] += mm_fp32(grad.t(), h.index_select(0, idx))
+        rows = h.index_select(0, idx)
+        if rows.dtype == torch.float32:
+            self.grad_weight[: self.vocab].addmm_(grad.t(), rows)
+        else:
+            self.grad_weight[: self.vocab] += mm_fp32(grad.t(), rows)
         if self.grad_bias is not None:
             self.grad_bias[: self.vocab] += grad.sum(0).float()
 
@@ -230,18 +234,14 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def default_chunk_size(n_rows: int, vocab: int, hidden: int | None, device: torch.device) -> int:
-    """Rows per chunk: Liger's rule (about as many logits as hidden-state values in the batch),
-    capped so that ~16 fp32 [chunk, vocab] temporaries fit a quarter of free memory (CUDA) or
-    512 MiB (CPU)."""
+def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: as many as fit ~16 fp32 [chunk, vocab] temporaries in the budget (a quarter
+    of free memory up to 1 GiB on CUDA, 256 MiB on CPU), and at most half the rows, so the fused
+    path never holds the logits of the whole batch."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        budget = free // 4
+        budget = min(free // 4, 2**30)
     else:
-        budget = 512 * 2**20
+        budget = 256 * 2**20
     cap = max(1, budget // (vocab * 4 * 16))
-    if hidden is None:
-        return max(1, min(cap, n_rows))
-    inc = max(1, math.ceil(vocab / hidden))
-    chunk = 1 << max(0, math.ceil(math.log2(max(1, math.ceil(n_rows / inc)))))
-    return max(1, min(chunk, cap, max(1, n_rows)))
+    return max(1, min(cap, math.ceil(n_rows / 2)))

@@ -171,9 +171,7 @@ def fused_linear_vgs_loss(
         need_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (student_hidden, student_text_hidden, ws, bs)
         )
-        chunk = chunk_size or default_chunk_size(
-            valid_idx.numel(), vocab, max(ws.shape[1], wt.shape[1]), student_hidden.device
-        )
+        chunk = chunk_size or default_chunk_size(valid_idx.numel(), vocab, student_hidden.device)
         holder: dict = {}
         loss = _LinearFunction.apply(
             student_hidden, student_text_hidden, ws, bs, teacher_hidden, teacher_text_hidden, wt, bt,
@@ -197,7 +195,7 @@ class _LogitsFunction(torch.autograd.Function):
     def forward(ctx, zs, zsp, zt, ztp, valid_idx, weights, opts, rows_fn, need_grad, holder):
         flat = [z.reshape(-1, z.shape[-1]) for z in (zs, zsp, zt, ztp)]
         source = LogitsSource(*flat, vocab=opts.vocab_size)
-        chunk = default_chunk_size(valid_idx.numel(), opts.vocab_size, None, zs.device)
+        chunk = default_chunk_size(valid_idx.numel(), opts.vocab_size, zs.device)
         holder["result"] = result = run_vgs(
             source, valid_idx, weights, opts, rows_fn, chunk, need_grad, _compute_dtype(zs)
         )
