@@ -175,13 +175,28 @@ class LogitsSource:
         self.grads: dict[str, torch.Tensor] = {}
 
     def logits(self, idx, streams):
+        span = _as_slice(idx)
+        if span is not None:  # contiguous rows (the common all-valid case): views, no copy
+            return [self.views[k][span] for k in streams]
         return [self.views[k].index_select(0, idx) for k in streams]
 
     def backward(self, idx, stream, grad):
         if stream not in self.grads:
             self.grads[stream] = torch.zeros_like(self.full[stream])
-        buf = self.grads[stream]
-        buf[:, : self.vocab].index_add_(0, idx, grad.to(buf.dtype))
+        buf = self.grads[stream][:, : self.vocab]
+        span = _as_slice(idx)
+        if span is not None:
+            buf[span] += grad.to(buf.dtype)
+        else:
+            buf.index_add_(0, idx, grad.to(buf.dtype))
+
+
+def _as_slice(idx: torch.Tensor) -> slice | None:
+    """``idx`` (sorted, unique row indices) as a slice when it is a contiguous range."""
+    if idx.numel() == 0:
+        return None
+    lo, hi = (int(x) for x in idx[[0, -1]].tolist())
+    return slice(lo, hi + 1) if hi + 1 - lo == idx.numel() else None
 
 
 class LinearSource:
@@ -234,8 +249,8 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
-    """Rows per chunk: as many as fit ~16 fp32 [chunk, vocab] temporaries in the budget (a quarter
+def default_chunk_size(n_rows: int, vocab: int, device: torch.device, temps: int = 16) -> int:
+    """Rows per chunk: as many as fit ``temps`` fp32 [chunk, vocab] buffers in the budget (a quarter
     of free memory up to 1 GiB on CUDA, 256 MiB on CPU), and at most half the rows, so the fused
     path never holds the logits of the whole batch."""
     if device.type == "cuda":
@@ -243,5 +258,5 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
         budget = min(free // 4, 2**30)
     else:
         budget = 256 * 2**20
-    cap = max(1, budget // (vocab * 4 * 16))
+    cap = max(1, budget // (vocab * 4 * temps))
     return max(1, min(cap, math.ceil(n_rows / 2)))

@@ -88,7 +88,7 @@ def vgs_loss(
         holder: dict = {}
         loss = _LogitsFunction.apply(
             student_logits, student_text_logits, teacher_logits, teacher_text_logits,
-            valid_idx, weights, opts, be.rows_fn, need_grad, holder,
+            valid_idx, weights, opts, be, need_grad, holder,
         )
         result = holder["result"]
         result.loss = loss
@@ -171,7 +171,7 @@ def fused_linear_vgs_loss(
         need_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (student_hidden, student_text_hidden, ws, bs)
         )
-        chunk = chunk_size or default_chunk_size(valid_idx.numel(), vocab, student_hidden.device)
+        chunk = chunk_size or default_chunk_size(valid_idx.numel(), vocab, student_hidden.device, be.chunk_temps)
         holder: dict = {}
         loss = _LinearFunction.apply(
             student_hidden, student_text_hidden, ws, bs, teacher_hidden, teacher_text_hidden, wt, bt,
@@ -192,12 +192,12 @@ class _LogitsFunction(torch.autograd.Function):
     """Loss and logit gradients in one forward (the gradients are analytic, no graph over V)."""
 
     @staticmethod
-    def forward(ctx, zs, zsp, zt, ztp, valid_idx, weights, opts, rows_fn, need_grad, holder):
+    def forward(ctx, zs, zsp, zt, ztp, valid_idx, weights, opts, backend, need_grad, holder):
         flat = [z.reshape(-1, z.shape[-1]) for z in (zs, zsp, zt, ztp)]
         source = LogitsSource(*flat, vocab=opts.vocab_size)
-        chunk = default_chunk_size(valid_idx.numel(), opts.vocab_size, zs.device)
+        chunk = default_chunk_size(valid_idx.numel(), opts.vocab_size, zs.device, backend.chunk_temps)
         holder["result"] = result = run_vgs(
-            source, valid_idx, weights, opts, rows_fn, chunk, need_grad, _compute_dtype(zs)
+            source, valid_idx, weights, opts, backend.rows_fn, chunk, need_grad, _compute_dtype(zs)
         )
         grads = [source.grads.get(k) for k in ("s", "sp")]
         if need_grad:  # a stream with no gradient (e.g. all-False mask) gets zeros, like autograd

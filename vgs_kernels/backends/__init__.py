@@ -21,12 +21,15 @@ class Backend:
     name: str
     rows_fn: Callable[..., torch.Tensor] | None  # None for "reference"
     devices: tuple[str, ...]
+    # [chunk, V] fp32-sized buffers live per chunk: the torch kernel materialises ~16 temporaries,
+    # a streaming kernel only the 4 logit chunks and at most 2 gradient chunks.
+    chunk_temps: int = 6
 
 
 def _load_torch() -> Backend:
     from .torch_rows import vgs_rows
 
-    return Backend("torch", vgs_rows, ("cpu", "cuda"))
+    return Backend("torch", vgs_rows, ("cpu", "cuda"), chunk_temps=16)
 
 
 def _load_triton() -> Backend:
