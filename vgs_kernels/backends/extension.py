@@ -1,15 +1,60 @@
 """Row functions from the compiled extension ``vgs_kernels._C`` (built from csrc/ by pip install).
 
+The extension registers ``torch.ops.vgs_kernels.vgs_rows`` (schema below) with a CPU kernel
+(C++, parallel over rows, vectorised; AVX-512 / AVX2 / baseline chosen at run time), a Meta kernel
+(shapes only, so fake tensors and torch.compile work) and, when built against a CUDA torch with a
+CUDA toolkit, a CUDA kernel (one thread block per row)::
+
+    vgs_rows(Tensor zs, Tensor zsp, Tensor zt, Tensor ztp, Tensor coef, float temperature,
+             bool detach_target_prior, Tensor(a!)? grad_zs=None, Tensor(b!)? grad_zsp=None) -> Tensor
+
+It follows the row contract of :mod:`vgs_kernels.backends.torch_rows`.
 Importing this module raises ImportError, with the reason, when the extension is not built.
 """
 
 from __future__ import annotations
 
+import torch
+
 try:
-    from .. import _C  # noqa: F401  (registers the torch.ops.vgs_kernels operators)
-except ImportError as exc:  # pure-Python install: no compiler or VGS_BUILD_EXT=0
-    raise ImportError(f"vgs_kernels._C is not built ({exc})") from exc
+    from .. import _C  # registers the torch.ops.vgs_kernels operators
+except ImportError as exc:  # pure-Python install: no compiler, VGS_BUILD_EXT=0, or a failed build
+    raise ImportError(
+        f"vgs_kernels._C is not built ({exc}); reinstall with "
+        "`pip install --no-build-isolation .` where a C++ compiler is available"
+    ) from exc
+
+WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0))
+CPU_ISA = str(getattr(_C, "CPU_ISA", "unknown"))
+
+
+def _op():
+    return torch.ops.vgs_kernels.vgs_rows.default
+
+
+def vgs_rows(
+    zs: torch.Tensor,
+    zsp: torch.Tensor,
+    zt: torch.Tensor,
+    ztp: torch.Tensor,
+    coef: torch.Tensor,
+    *,
+    temperature: float,
+    detach_target_prior: bool,
+    grad_zs: torch.Tensor | None = None,
+    grad_zsp: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The row contract of :func:`vgs_kernels.backends.torch_rows.vgs_rows`, run by the extension."""
+    return _op()(zs, zsp, zt, ztp, coef, float(temperature), bool(detach_target_prior), grad_zs, grad_zsp)
 
 
 def rows_fn(device: str):
-    raise ImportError(f"the {device} row kernel of vgs_kernels._C is not implemented yet")
+    """The extension's row function for ``device`` ("cpu" or "cuda"); ImportError if not built for it."""
+    if device == "cuda" and not WITH_CUDA:
+        raise ImportError(
+            "vgs_kernels._C was built without CUDA (needs a CUDA build of torch and a CUDA toolkit "
+            "at install time)"
+        )
+    if device not in ("cpu", "cuda"):
+        raise ImportError(f"vgs_kernels._C has no {device} kernel")
+    return vgs_rows

@@ -1,0 +1,323 @@
+"""The compiled `cpu` backend (vgs_kernels._C, csrc/) against `reference` and the torch row kernel."""
+
+import itertools
+import os
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import MODES, assert_close, ragged_mask, random_logits
+
+from vgs_kernels import backends, fused_linear_vgs_loss, vgs_loss
+from vgs_kernels.backends import resolve, torch_rows
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU_STATUS = backends()["cpu"]
+needs_ext = pytest.mark.skipif(
+    CPU_STATUS != "available",
+    reason=f"cpu backend {CPU_STATUS}; build it with `pip install --no-build-isolation -e .`",
+)
+
+TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny shapes: intra-op threads only add OpenMP spin-waits (10x slower on a busy 2-core box).
+    test_op_parallel_rows_match_serial covers the multi-threaded path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _run_logits(backend, logits, mask, **kw):
+    zs, zsp, zt, ztp = (z.clone() for z in logits)
+    zs.requires_grad_()
+    zsp.requires_grad_()
+    out = vgs_loss(zs, zsp, zt, ztp, mask, backend=backend, return_per_token=True, **kw)
+    out.loss.backward()
+    return out, zs.grad, zsp.grad
+
+
+GRID = [  # vocab_size < V needs V > 1
+    c for c in itertools.product(MODES, ("sequence", "token"), (1.0, 0.7), (1, 97, 1000), (False, True))
+    if not (c[3] == 1 and c[4])
+]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode,reduction,temperature,V,slice_vocab", GRID)
+def test_vgs_loss_cpu_matches_reference(mode, reduction, temperature, V, slice_vocab, dtype):
+    logits = random_logits(3, 6, V, dtype, seed=V + 1)
+    mask = ragged_mask(3, 6)  # sequence 1 is empty
+    kw = dict(mode=mode, reduction=reduction, temperature=temperature,
+              vocab_size=V - V // 7 - 1 if slice_vocab else None)
+    ref, ref_gs, ref_gsp = _run_logits("reference", logits, mask, **kw)
+    got, gs, gsp = _run_logits("cpu", logits, mask, **kw)
+    rtol, atol = TOL[dtype]
+    assert_close(got.loss.detach(), ref.loss.detach(), rtol, atol, "loss")
+    assert_close(gs, ref_gs, rtol, atol, "grad student_logits")
+    assert_close(gsp, ref_gsp, rtol, atol, "grad student_text_logits")
+    assert gs.dtype == dtype
+    for k in ref.per_token:
+        assert_close(got.per_token[k], ref.per_token[k], rtol, atol, f"per_token[{k}]")
+    for k in ref.metrics:
+        assert got.metrics[k] == pytest.approx(ref.metrics[k], rel=rtol, abs=1e-6, nan_ok=True), k
+    if slice_vocab:
+        assert torch.all(gs[..., kw["vocab_size"]:] == 0)
+
+
+def _run_fused(backend, tensors, mask, chunk_size=None, **kw):
+    hs, hsp, ws, bs, ht, htp, wt, bt = (t.clone() for t in tensors)
+    for t in (hs, hsp, ws, bs):
+        t.requires_grad_()
+    out = fused_linear_vgs_loss(hs, hsp, ws, ht, htp, wt, mask, student_bias=bs, teacher_bias=bt,
+                                backend=backend, chunk_size=chunk_size, **kw)
+    out.loss.backward()
+    return out, [t.grad for t in (hs, hsp, ws, bs)]
+
+
+def _fused_inputs(b, t, v, hs_dim, ht_dim, dtype, seed, v_teacher):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(dtype)
+
+    return [r(b, t, hs_dim), r(b, t, hs_dim), r(v, hs_dim, scale=0.5), r(v, scale=0.5),
+            r(b, t, ht_dim), r(b, t, ht_dim), r(v_teacher, ht_dim, scale=0.5), r(v_teacher, scale=0.5)]
+
+
+FUSED_GRID = list(itertools.product(MODES, ("sequence", "token"), (1.0, 0.7), (1, 97, 1000)))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode,reduction,temperature,V", FUSED_GRID)
+def test_fused_linear_cpu_matches_reference(mode, reduction, temperature, V, dtype):
+    # hidden sizes differ; the heads have 3 extra rows that vocab_size slices away.
+    tensors = _fused_inputs(3, 5, V + 3, 16, 24, dtype, seed=V, v_teacher=V + 3)
+    mask = ragged_mask(3, 5)
+    kw = dict(mode=mode, reduction=reduction, temperature=temperature, vocab_size=V)
+    ref, ref_grads = _run_fused("reference", tensors, mask, **kw)
+    got, grads = _run_fused("cpu", tensors, mask, chunk_size=4, **kw)
+    rtol, atol = TOL[dtype]
+    if dtype == torch.bfloat16:  # the logits themselves are bf16 GEMM outputs on both sides
+        rtol, atol = 5e-2, 5e-2
+    assert_close(got.loss.detach(), ref.loss.detach(), rtol, atol, "loss")
+    for name, g, r in zip(("student_hidden", "student_text_hidden", "student_weight", "student_bias"),
+                          grads, ref_grads):
+        assert_close(g, r, rtol, atol, f"grad {name}")
+        assert g.dtype == dtype
+
+
+@needs_ext
+def test_auto_picks_cpu_and_detach_false_with_fixed_threshold():
+    assert resolve("auto", torch.device("cpu")).name == "cpu"
+    logits = random_logits(2, 8, 40, seed=5)
+    mask = ragged_mask(2, 8)
+    for mode in MODES:
+        thr = (0.1, 0.5) if mode == "adaptive" else 0.3
+        kw = dict(mode=mode, detach_target_prior=False, threshold=thr, gamma=0.41, alpha=1.5, beta=0.2)
+        ref, ref_gs, ref_gsp = _run_logits("reference", logits, mask, **kw)
+        got, gs, gsp = _run_logits("auto", logits, mask, **kw)
+        assert_close(got.loss.detach(), ref.loss.detach(), 1e-5, 1e-6, "loss")
+        assert_close(gs, ref_gs, 1e-5, 1e-6, "grad student_logits")
+        assert_close(gsp, ref_gsp, 1e-5, 1e-6, "grad student_text_logits")
+
+
+# ---- the operator itself, against the torch row kernel ----
+
+def _op_inputs(n, V, dtype, seed, scale=3.0, extreme=False, strided=False):
+    g = torch.Generator().manual_seed(seed)
+    width = V + 5 if strided else V
+    z = [(torch.randn(n, width, generator=g) * scale) for _ in range(4)]
+    if extreme:  # masked vocabulary entries and huge logits
+        z[0][0, : V // 3] = -float("inf")
+        z[1][1, V // 2 :] = -float("inf")
+        z[2][2, ::3] = -float("inf")
+        z[3][3, 1::4] = -float("inf")
+        for k in range(4):
+            z[k][4, ::7] = 1e4
+            z[k][5, ::5] = -1e4
+        z[0][6, :] = -float("inf")  # a fully masked row: uniform distribution
+    z = [x.to(dtype) for x in z]
+    if strided:  # row stride V + 5, last dim contiguous
+        z = [x[:, :V] for x in z]
+    coef = torch.rand(n, 3, generator=g)
+    coef[1, 1] = 0  # no vis term
+    coef[2, 0] = 0  # no std term
+    coef[3, :2] = 0  # no zs gradient at all
+    coef[min(n - 1, 7)] = 0
+    return z, coef
+
+
+def _both(z, coef, tau, detach, acc, with_gs=True, with_gsp=True):
+    out = []
+    for fn in (torch_rows.vgs_rows, torch.ops.vgs_kernels.vgs_rows):
+        n, V = z[0].shape
+        gs = torch.full((n, V), 7.0, dtype=acc) if with_gs else None  # must be overwritten
+        gsp = torch.full((n, V), 7.0, dtype=acc) if with_gsp else None
+        if fn is torch_rows.vgs_rows:
+            st = fn(*z, coef, temperature=tau, detach_target_prior=detach, grad_zs=gs, grad_zsp=gsp)
+        else:
+            st = fn(*z, coef, tau, detach, gs, gsp)
+        out.append((st, gs, gsp))
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("V", [1, 33, 2500])
+def test_op_matches_torch_rows(dtype, V):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-5, torch.float16: 2e-5}[dtype]
+    for tau, detach, strided in itertools.product((1.0, 0.7), (True, False), (False, True)):
+        z, coef = _op_inputs(9, V, dtype, seed=V, strided=strided)
+        (st_r, gs_r, gsp_r), (st, gs, gsp) = _both(z, coef, tau, detach, acc)
+        what = f"{dtype} V={V} tau={tau} detach={detach} strided={strided}"
+        assert st.dtype == torch.float32 and st.shape == (9, 4)
+        assert_close(st, st_r, tol, tol, f"stats {what}")
+        assert_close(gs, gs_r, tol, tol, f"grad_zs {what}")
+        assert_close(gsp, gsp_r, tol, tol, f"grad_zsp {what}")
+
+
+@needs_ext
+def test_op_parallel_rows_match_serial():
+    z, coef = _op_inputs(40, 3000, torch.bfloat16, seed=8)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        gs, gsp = torch.empty(40, 3000), torch.empty(40, 3000)
+        st = torch.ops.vgs_kernels.vgs_rows(*z, coef, 0.7, False, gs, gsp)
+        results.append((st, gs, gsp))
+    torch.set_num_threads(1)
+    for a, b in zip(*results):  # rows are independent: bitwise equal
+        assert torch.equal(a, b)
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_op_inf_and_huge_logits(dtype):
+    for tau, detach in itertools.product((1.0, 0.7), (True, False)):
+        z, coef = _op_inputs(8, 300, dtype, seed=11, extreme=True)
+        (st_r, gs_r, gsp_r), (st, gs, gsp) = _both(z, coef, tau, detach, torch.float32)
+        for t in (st, gs, gsp):
+            assert torch.isfinite(t).all()
+        # rows with -inf in the teacher have KLs of order 1e30: compare relative to each row
+        for row in range(8):
+            assert_close(st[row], st_r[row], 1e-4, 1e-4, f"stats row {row}")
+            assert_close(gs[row], gs_r[row], 1e-4, 1e-4, f"grad_zs row {row}")
+            assert_close(gsp[row], gsp_r[row], 1e-4, 1e-4, f"grad_zsp row {row}")
+        assert torch.all(gs[0, : 300 // 3] == 0)  # p = 0 on masked student entries
+
+
+@needs_ext
+def test_op_optional_grads_and_copy_back():
+    z, coef = _op_inputs(5, 64, torch.float32, seed=2)
+    (st_r, gs_r, _), (st, gs, gsp) = _both(z, coef, 0.7, True, torch.float32, with_gsp=False)
+    assert gsp is None
+    assert_close(gs, gs_r, 1e-5, 1e-5, "grad_zs")
+    st2 = torch.ops.vgs_kernels.vgs_rows(*z, coef, 0.7, True, None, None)
+    assert torch.equal(st2, st)
+    # a bf16 / non-contiguous gradient buffer is written through a temporary and copied back
+    buf = torch.zeros(64, 5, dtype=torch.bfloat16).t()
+    torch.ops.vgs_kernels.vgs_rows(*z, coef, 0.7, True, buf, None)
+    assert_close(buf, gs_r.to(torch.bfloat16), 1e-2, 1e-2, "bf16 grad_zs")
+    with pytest.raises(RuntimeError, match="coef"):
+        torch.ops.vgs_kernels.vgs_rows(*z, coef[:, :2], 0.7, True, None, None)
+    with pytest.raises(RuntimeError, match="shape"):
+        torch.ops.vgs_kernels.vgs_rows(z[0], z[1][:, :10], z[2], z[3], coef, 0.7, True, None, None)
+
+
+@needs_ext
+def test_op_fake_tensors_and_torch_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    z, coef = _op_inputs(6, 50, torch.bfloat16, seed=4)
+    with FakeTensorMode() as mode:
+        fz = [mode.from_tensor(x) for x in z]
+        fc = mode.from_tensor(coef)
+        out = torch.ops.vgs_kernels.vgs_rows(*fz, fc, 0.7, False, torch.empty(6, 50), None)
+        assert out.shape == (6, 4) and out.dtype == torch.float32
+
+    def f(zs, zsp, zt, ztp, c):
+        g = torch.empty(zs.shape, dtype=torch.float32)
+        st = torch.ops.vgs_kernels.vgs_rows(zs, zsp, zt, ztp, c, 0.7, False, g, None)
+        return st.sum(1), g * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    a, b = compiled(*z, coef)
+    a_ref, b_ref = f(*z, coef)
+    assert torch.equal(a, a_ref) and torch.equal(b, b_ref)
+
+
+@needs_ext
+def test_op_opcheck():
+    z, coef = _op_inputs(4, 40, torch.float32, seed=6)
+    args = (*z, coef, 0.7, False, torch.empty(4, 40), torch.empty(4, 40))
+    torch.library.opcheck(torch.ops.vgs_kernels.vgs_rows.default, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# ---- the build is optional ----
+
+def _setup_kwargs(monkeypatch, mode):
+    """Run setup.py with setuptools.setup replaced; return what it would have been called with."""
+    import setuptools
+
+    if mode is None:
+        monkeypatch.delenv("VGS_BUILD_EXT", raising=False)
+    else:
+        monkeypatch.setenv("VGS_BUILD_EXT", mode)
+    captured = {}
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: captured.update(kw))
+    monkeypatch.chdir(ROOT)
+    ns = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_under_test")
+    return captured, ns
+
+
+def test_setup_honours_vgs_build_ext(monkeypatch, capsys):
+    kw, _ = _setup_kwargs(monkeypatch, "0")
+    assert kw["ext_modules"] == [] and kw["cmdclass"] == {}
+
+    kw, _ = _setup_kwargs(monkeypatch, None)
+    (ext,) = kw["ext_modules"]
+    assert ext.name == "vgs_kernels._C"
+    assert any(s.endswith("vgs_rows_cpu.cpp") for s in ext.sources)
+
+    # a failing compiler: tolerated when VGS_BUILD_EXT is unset, an error with VGS_BUILD_EXT=1
+    from setuptools.dist import Distribution
+    from torch.utils import cpp_extension
+
+    def boom(self, ext):
+        raise RuntimeError("simulated compiler failure")
+
+    monkeypatch.setattr(cpp_extension.BuildExtension, "build_extension", boom)
+    cmd = kw["cmdclass"]["build_ext"](Distribution())
+    cmd.build_extension(ext)
+    assert "installing without it" in capsys.readouterr().err
+    kw, _ = _setup_kwargs(monkeypatch, "1")
+    cmd = kw["cmdclass"]["build_ext"](Distribution())
+    with pytest.raises(RuntimeError, match="simulated"):
+        cmd.build_extension(kw["ext_modules"][0])
+
+
+def test_missing_extension_is_reported_not_fatal():
+    code = (
+        "import sys; sys.modules['vgs_kernels._C'] = None\n"
+        "import torch, vgs_kernels\n"
+        "from vgs_kernels.backends import resolve\n"
+        "print(vgs_kernels.backends()['cpu'])\n"
+        "print(resolve('auto', torch.device('cpu')).name)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    status, auto = out.stdout.strip().splitlines()
+    assert status.startswith("unavailable") and "not built" in status
+    assert auto == "torch"
