@@ -16,11 +16,6 @@ import sys
 
 DEVICE = os.environ.get("VGS_TRITON_TEST_DEVICE", "cpu")
 INTERPRET = DEVICE == "cpu"
-_SAVED_INTERPRET = os.environ.get("TRITON_INTERPRET")
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
-else:
-    os.environ.pop("TRITON_INTERPRET", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -28,46 +23,16 @@ import torch  # noqa: E402
 from vgs_kernels import fused_linear_vgs_loss, vgs_loss  # noqa: E402
 from vgs_kernels.backends import torch_rows  # noqa: E402
 
-backends = importlib.import_module("vgs_kernels.backends")  # (vgs_kernels.backends is also a function)
-_KERNELS = "vgs_kernels.backends.triton_rows"
-try:
-    import triton  # noqa: F401
-except ImportError as exc:
-    triton, _WHY = None, f"triton is not importable ({exc}): the triton backend is not tested"
-if triton is not None:
-    # A kernel module imported earlier in this session without the interpreter holds compiled-mode
-    # kernels (useless on CPU tensors): import a fresh, interpreted one; the registry's cached
-    # triton backend is dropped around every test (see the fixtures).
-    sys.modules.pop(_KERNELS, None)
-    triton_rows = importlib.import_module(_KERNELS)
-if _SAVED_INTERPRET is None:  # the kernels are decorated now: leave the environment as found
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _SAVED_INTERPRET
-if triton is None:
-    pytest.skip(_WHY, allow_module_level=True)
+triton = pytest.importorskip("triton", reason="triton is not importable: the triton backend is not tested")
+if INTERPRET and os.environ.get("TRITON_INTERPRET") != "1":
+    # tests/conftest.py sets it before triton is first used; triton reads it only once per process
+    pytest.skip("TRITON_INTERPRET=1 must be set before triton is used", allow_module_level=True)
 if not INTERPRET and not (DEVICE.startswith("cuda") and torch.cuda.is_available()):
     pytest.skip(f"VGS_TRITON_TEST_DEVICE={DEVICE!r} but no CUDA device", allow_module_level=True)
 
+from vgs_kernels.backends import triton_rows  # noqa: E402
 
-@pytest.fixture(scope="module", autouse=True)
-def _interpreted_module():
-    sys.modules[_KERNELS] = triton_rows
-    yield
-    # Later users of the triton backend re-import the kernels in their own mode.
-    sys.modules.pop(_KERNELS, None)
-    backends._cache.pop("triton", None)
-
-
-@pytest.fixture(autouse=True)
-def _interpreted_triton(monkeypatch):
-    if INTERPRET:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")  # the registry then allows triton on CPU tensors
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    backends._cache.pop("triton", None)
-    yield
-    backends._cache.pop("triton", None)
+backends = importlib.import_module("vgs_kernels.backends")  # (vgs_kernels.backends is also a function)
 
 
 MODES = ("standard", "vgs", "adaptive", "language")
