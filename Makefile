@@ -17,7 +17,7 @@ install: $(PY)
 	$(PY) -m pip install -q --no-build-isolation -e ".[train,bench,dev]"
 
 demo: install
-	$(PY) -m vgs_kernels.demo
+	$(PY) -m vgs_train.demo
 
 test: install
 	$(PY) -m pytest -q tests

@@ -1,0 +1,126 @@
+"""The training loop: a step lowers the loss on a fixed batch; exact resume; save_pretrained loads by
+path; CLI smoke runs of each method; SIGTERM writes a checkpoint."""
+
+import json
+import os
+
+import pytest
+import torch
+from _train_helpers import tiny_overrides
+
+from vgs_train.cli import eval_main, train_main
+from vgs_train.config import load_config
+from vgs_train.modeling import load_model, load_processor
+from vgs_train.trainer import Trainer
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("vgs_cache"))
+
+
+def _trainer(cache, out, *extra, resume=False):
+    cfg = load_config(None, tiny_overrides(cache, out, *extra))
+    return Trainer(cfg, resume=resume, verbose=False)
+
+
+def test_step_on_fixed_batch_lowers_loss(cache, tmp_path):
+    from vgs_kernels import fused_linear_vgs_loss
+    from vgs_train.views import build_views, four_view_hidden
+
+    tr = _trainer(cache, str(tmp_path / "run"), "optim.lr=3e-3")
+    rows = tr.rows[:4]
+    b = tr.builder
+    img, txt = b.encode(rows, True), b.encode(rows, False)
+    torch.manual_seed(0)
+    comp, mask = tr.engine.generate(tr.student, img, do_sample=True)
+    views = build_views(img, txt, comp, mask)
+
+    def loss():
+        hs, hsp, ht, htp = four_view_hidden(tr.student, tr.teacher, views)
+        return fused_linear_vgs_loss(hs, hsp, tr.unwrapped.get_output_embeddings().weight, ht, htp,
+                                     tr.teacher.get_output_embeddings().weight, views.mask,
+                                     vocab_size=tr.vocab_size, **tr.loss_kwargs).loss
+
+    first = loss()
+    for _ in range(3):
+        tr.optimizer.zero_grad()
+        loss().backward()
+        tr.optimizer.step()
+    assert loss().item() < first.item()
+
+
+def test_resume_continues_exactly(cache, tmp_path):
+    full = _trainer(cache, str(tmp_path / "full"), "run.max_steps=3", "loss.method=vgs")
+    ref = full.train()
+    part = _trainer(cache, str(tmp_path / "part"), "run.max_steps=2", "loss.method=vgs")
+    part.train()
+    assert os.path.exists(tmp_path / "part" / "checkpoints" / "step_0000002" / "model.safetensors")
+    resumed = _trainer(cache, str(tmp_path / "part"), "run.max_steps=3", "loss.method=vgs", resume=True)
+    assert resumed.step == 2
+    m = resumed.train()
+    assert len(m) == 1
+    assert m[0]["loss"] == pytest.approx(ref[2]["loss"], rel=1e-5, abs=1e-7)
+    assert m[0]["std"] == pytest.approx(ref[2]["std"], rel=1e-5, abs=1e-7)
+    lines = (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    with pytest.raises(FileExistsError, match="--resume"):
+        _trainer(cache, str(tmp_path / "part"), "run.max_steps=4")
+
+
+def test_saved_model_and_processor_load_by_path(cache, tmp_path):
+    tr = _trainer(cache, str(tmp_path / "run"), "run.max_steps=1")
+    tr.train()
+    final = tmp_path / "run" / "final"
+    proc = load_processor(str(final))
+    model = load_model(str(final))
+    assert type(model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert type(proc).__name__ == "Qwen3VLProcessor"
+    assert proc.tokenizer.get_vocab() == tr.tokenizer.get_vocab()
+    for (n, a), b in zip(tr.unwrapped.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    rows_path = tr.paths["eval"]
+    assert eval_main([str(final), rows_path, "--k", "2", "--limit", "4", "--max-new-tokens", "8",
+                      "--json", str(tmp_path / "e.json")]) == 0
+    res = json.loads((tmp_path / "e.json").read_text())[rows_path]
+    assert res["n"] == 4 and 0 <= res["acc@1"] <= 1 and "acc@2" in res
+
+
+@pytest.mark.parametrize("method", ["opd", "vgs", "vgs-adaptive", "language-steering"])
+def test_cli_smoke(cache, tmp_path, method):
+    out = tmp_path / method
+    rc = train_main(tiny_overrides(cache, str(out), f"loss.method={method}", "run.max_steps=2",
+                                   "run.tensorboard=true", "optim.grad_accum=2"))
+    assert rc == 0
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2]
+    for k in ("loss", "std", "vis", "lang", "vds", "gate_fraction", "threshold", "tokens_per_s",
+              "time_rollout", "time_forward", "time_loss_backward"):
+        assert k in lines[0], k
+    assert all(torch.isfinite(torch.tensor(m["loss"])) for m in lines)
+    assert (out / "config.yaml").exists() and os.listdir(out / "tb")
+    assert (out / "final" / "config.json").exists()
+    assert load_config(str(out / "config.yaml")).loss.method == method
+
+
+def test_sigterm_writes_checkpoint(cache, tmp_path):
+    import signal
+
+    tr = _trainer(cache, str(tmp_path / "sig"), "run.max_steps=5")
+    orig = tr.train_step
+
+    def step_then_signal():
+        m = orig()
+        if tr.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return m
+
+    tr.train_step = step_then_signal
+    with pytest.raises(SystemExit) as e:
+        tr.train()
+    assert e.value.code == 128 + signal.SIGTERM
+    assert (tmp_path / "sig" / "checkpoints" / "latest").read_text() == "step_0000001"
+    assert signal.getsignal(signal.SIGTERM) is not None
+    again = _trainer(cache, str(tmp_path / "sig"), "run.max_steps=2", resume=True)
+    assert again.step == 1 and again.sampler.index == tr.sampler.index

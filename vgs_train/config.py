@@ -1,0 +1,265 @@
+"""Typed training configuration: dataclasses, YAML (``yaml.safe_load``) and dotted ``key=value`` overrides.
+
+Unknown keys are errors that name the key and list the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from .tiny import TinyModelConfig
+
+METHODS = {"opd": "standard", "vgs": "vgs", "vgs-adaptive": "adaptive", "language-steering": "language"}
+PLANNED_METHODS = ("grpo", "grpo+opd", "grpo+vgs")
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/tiny"
+    seed: int = 0
+    max_steps: int = 100
+    log_every: int = 1
+    save_every: int = 50  # checkpoint every N optimizer steps (0 = only at the end / on a signal)
+    keep_checkpoints: int = 2
+    progress: bool = True  # tqdm progress bar
+    tensorboard: bool = True
+
+
+@dataclass
+class ModelConfig:
+    student: str = "tiny"  # a local HF path, or "tiny" (the embedded default, see `embedded`)
+    teacher: str = "tiny"
+    dtype: str = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU; or fp32 / bf16
+    gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    train: str = "synthetic"  # JSONL {image, question, answer} | "hf:NAME[:SPLIT]" | "synthetic"
+    eval: str = "synthetic"
+    image_root: str = ""  # relative image paths resolve against this (default: the JSONL's folder)
+    shuffle: bool = True
+    system_prompt: str = ""  # empty = the paper's reasoning prompt (App. B.4)
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"  # swappable generation backend (vgs_train.rollout.ENGINES)
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    samples_per_prompt: int = 1
+
+
+@dataclass
+class LossConfig:
+    method: str = "vgs"  # opd | vgs | vgs-adaptive | language-steering
+    alpha: float = 2.0
+    beta: float = 0.01
+    gamma: float = 1.0
+    quantile: float = 0.7
+    adaptive_quantiles: list = field(default_factory=lambda: [0.4, 0.7])
+    threshold: Any = None
+    vds_scope: str = "global"
+    temperature: float = 1.0
+    reduction: str = "sequence"
+    detach_target_prior: bool = True
+    chunk_size: Any = None
+    backend: str = "auto"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    batch_size: int = 8  # prompts per micro-batch
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every N steps during training (0 = only at the end)
+    batch_size: int = 64
+    k: int = 4  # sampled Acc@k
+    max_new_tokens: int = 48
+    limit: int = 0  # evaluate at most this many rows (0 = all)
+    at_end: bool = True
+
+
+@dataclass
+class EmbeddedConfig:
+    """The embedded default (model.student/teacher = "tiny"): synthetic task, offline tokenizer,
+    tiny Qwen3-VL teacher/student, prepared once and cached."""
+
+    cache_dir: str = ""  # default: $VGS_TRAIN_CACHE or ~/.cache/vgs_train
+    tokenizer_vocab: str = "task"  # task (Qwen BPE restricted to the task's tokens) | full (151,669 ids)
+    n_train: int = 6000
+    n_eval: int = 200
+    image_size: int = 96
+    task_seed: int = 1234
+    teacher: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(
+        hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
+        intermediate_size=256))
+    student: TinyModelConfig = field(default_factory=TinyModelConfig)
+    teacher_sft_steps: int = 800
+    teacher_sft_lr: float = 3e-3
+    student_sft_steps: int = 100
+    student_sft_lr: float = 3e-3
+    sft_batch_size: int = 32
+    sft_seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
+
+    def validate(self) -> TrainConfig:
+        m = self.loss.method
+        if m in PLANNED_METHODS:
+            raise ValueError(f"loss.method={m!r} is planned but not implemented yet; use one of {sorted(METHODS)}")
+        if m not in METHODS:
+            raise ValueError(f"loss.method must be one of {sorted(METHODS)}, got {m!r}")
+        for name, v in (("run.max_steps", self.run.max_steps), ("optim.grad_accum", self.optim.grad_accum),
+                        ("optim.batch_size", self.optim.batch_size),
+                        ("rollout.max_new_tokens", self.rollout.max_new_tokens),
+                        ("rollout.samples_per_prompt", self.rollout.samples_per_prompt)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.optim.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.optim.lr!r}")
+        if self.rollout.temperature <= 0:
+            raise ValueError(f"rollout.temperature must be > 0, got {self.rollout.temperature!r}")
+        if self.model.dtype not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"model.dtype must be auto, fp32 or bf16, got {self.model.dtype!r}")
+        if self.embedded.tokenizer_vocab not in ("task", "full"):
+            raise ValueError(f"embedded.tokenizer_vocab must be task or full, got {self.embedded.tokenizer_vocab!r}")
+        from .rollout import ENGINES
+
+        if self.rollout.engine not in ENGINES:
+            raise ValueError(f"rollout.engine must be one of {sorted(ENGINES)}, got {self.rollout.engine!r}")
+        return self
+
+    @property
+    def loss_mode(self) -> str:
+        return METHODS[self.loss.method]
+
+    def loss_kwargs(self) -> dict:
+        lc = self.loss
+        thr = lc.threshold
+        if isinstance(thr, list):
+            thr = tuple(thr)
+        return dict(mode=self.loss_mode, alpha=lc.alpha, beta=lc.beta, gamma=lc.gamma, quantile=lc.quantile,
+                    adaptive_quantiles=tuple(lc.adaptive_quantiles), threshold=thr, vds_scope=lc.vds_scope,
+                    temperature=lc.temperature, reduction=lc.reduction,
+                    detach_target_prior=lc.detach_target_prior, chunk_size=lc.chunk_size, backend=lc.backend)
+
+    def cache_dir(self) -> str:
+        d = self.embedded.cache_dir or os.environ.get("VGS_TRAIN_CACHE") or os.path.join(
+            os.path.expanduser("~"), ".cache", "vgs_train")
+        return os.path.abspath(d)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(value, tp, key: str):
+    """Coerce a YAML/override value to the dataclass field type ``tp``."""
+    origin = get_origin(tp)
+    if tp is Any or value is None:
+        return value
+    if origin is Union:
+        args = [a for a in get_args(tp) if a is not type(None)]
+        return _coerce(value, args[0], key) if len(args) == 1 else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"config key {key!r} expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ValueError(f"config key {key!r} expects an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key {key!r} expects a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ValueError(f"config key {key!r} expects a string, got {value!r}")
+        return str(value)
+    if tp is list or origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} expects a list, got {value!r}")
+        return list(value)
+    return value
+
+
+def _apply(obj, data: dict, prefix: str = "") -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping, got {data!r}")
+    hints = get_type_hints(type(obj))
+    names = [f.name for f in dataclasses.fields(obj)]
+    for k, v in data.items():
+        key = prefix + str(k)
+        if k not in names:
+            raise ValueError(f"unknown config key {key!r}; valid keys under {prefix.rstrip('.') or 'the top level'}: "
+                             f"{', '.join(names)}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            _apply(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(v, hints[k], key))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ValueError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> TrainConfig:
+    """Defaults <- YAML file <- ``base`` dict <- dotted overrides; then validated."""
+    cfg = TrainConfig()
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        _apply(cfg, data)
+    if base:
+        _apply(cfg, base)
+    for item in overrides:
+        keys, value = parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested)
+    return cfg.validate()
+
+
+def save_config(cfg: TrainConfig, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,73 @@
+"""Evaluation: greedy Acc@1 and sampled Acc@k (T=1.0) with answer extraction from the reasoning format."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .data import Example
+from .rollout import HFRolloutEngine
+from .views import PromptBuilder
+
+_PUNCT = re.compile(r"[\s\.\,\!\?\:\;\"'`]+")
+
+
+def extract_answer(text: str) -> str:
+    """The text after the last ``</reason>`` (or the whole text without one), without special tokens,
+    an optional \\boxed{}, surrounding punctuation and case."""
+    text = re.sub(r"<\|[^|]*\|>", "", text)
+    if "</reason>" in text:
+        text = text.rsplit("</reason>", 1)[1]
+    m = re.search(r"\\boxed\{([^}]*)\}", text)
+    if m:
+        text = m.group(1)
+    return normalize(text)
+
+
+def normalize(text: str) -> str:
+    return _PUNCT.sub(" ", text).strip().lower()
+
+
+def is_correct(completion_text: str, answer: str) -> bool:
+    return extract_answer(completion_text) == normalize(answer)
+
+
+@torch.no_grad()
+def evaluate(model, processor, examples: list[Example], *, k: int = 4, batch_size: int = 64,
+             max_new_tokens: int = 48, with_image: bool = True, system_prompt: str | None = None,
+             seed: int = 0, device=None) -> dict:
+    """Greedy Acc@1 and sampled Acc@k (a prompt counts when any of k samples at T=1.0 is correct)."""
+    builder = PromptBuilder(processor, system_prompt)
+    tok = builder.tokenizer
+    engine = HFRolloutEngine(tok, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
+                             vocab_rows=model.get_output_embeddings().weight.shape[0])
+    device = device or next(model.parameters()).device
+    greedy_ok, sampled_ok, n = 0, 0, 0
+    samples = []
+    gen = torch.random.fork_rng(devices=[])
+    with gen:
+        torch.manual_seed(seed)
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            enc = {k_: (v.to(device) if torch.is_tensor(v) else v)
+                   for k_, v in builder.encode(chunk, with_image).items()}
+            ids, mask = engine.generate(model, enc, do_sample=False)
+            texts = tok.batch_decode(ids.masked_fill(~mask, tok.pad_token_id), skip_special_tokens=True)
+            ok = [is_correct(t, ex.answer) for t, ex in zip(texts, chunk)]
+            greedy_ok += sum(ok)
+            if len(samples) < 5:
+                samples += [{"question": ex.question, "answer": ex.answer, "greedy": t}
+                            for ex, t in zip(chunk, texts)][:5 - len(samples)]
+            if k > 0:
+                any_ok = [False] * len(chunk)
+                for _ in range(k):
+                    sids, smask = engine.generate(model, enc, do_sample=True)
+                    stexts = tok.batch_decode(sids.masked_fill(~smask, tok.pad_token_id), skip_special_tokens=True)
+                    any_ok = [a or is_correct(t, ex.answer) for a, t, ex in zip(any_ok, stexts, chunk)]
+                sampled_ok += sum(any_ok)
+            n += len(chunk)
+    out = {"n": n, "acc@1": greedy_ok / max(n, 1), "view": "image" if with_image else "text", "samples": samples}
+    if k > 0:
+        out[f"acc@{k}"] = sampled_ok / max(n, 1)
+    return out

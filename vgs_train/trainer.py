@@ -1,0 +1,302 @@
+"""The on-policy distillation loop (nanoGPT-style: one readable file).
+
+Per optimizer step, for each of ``grad_accum`` micro-batches:
+  1. rollouts: the student samples completions for the image-view prompts (``rollout.engine``);
+  2. views: the completion ids are appended unchanged to the image and the text-only prompts;
+  3. four forward passes give decoder hidden states at the response positions: student image /
+     text-only (with grad), teacher image / text-only (no grad, eval mode);
+  4. ``fused_linear_vgs_loss`` with both lm_head weights and the tokenizer's vocabulary size; backward.
+Then grad clipping, AdamW (constant LR), logging, checkpointing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+
+import torch
+
+from vgs_kernels import fused_linear_vgs_loss
+
+from .config import TrainConfig, save_config, to_dict
+from .data import Sampler, load_dataset_rows
+from .evaluate import evaluate, is_correct
+from .modeling import check_same_tokenizer, load_model, load_processor
+from .rollout import ENGINES
+from .views import PromptBuilder, build_views, four_view_hidden, repeat_prompt
+
+STATE_FILE, MODEL_FILE, OPTIM_FILE = "trainer_state.pt", "model.safetensors", "optimizer.pt"
+
+
+def resolve_paths(cfg: TrainConfig, verbose: bool = True) -> dict:
+    """Model and data paths, preparing the embedded default when asked for ("tiny" / "synthetic")."""
+    need = "tiny" in (cfg.model.student, cfg.model.teacher) or "synthetic" in (cfg.data.train, cfg.data.eval)
+    emb = None
+    if need:
+        from .embedded import prepare_embedded
+
+        emb = prepare_embedded(cfg, verbose=verbose)
+
+    def pick(value, key):
+        return emb[key] if value in ("tiny", "synthetic") else value
+
+    return {"student": pick(cfg.model.student, "student"), "teacher": pick(cfg.model.teacher, "teacher"),
+            "train": pick(cfg.data.train, "train"), "eval": pick(cfg.data.eval, "eval") if cfg.data.eval else ""}
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: str | bool = False, verbose: bool = True):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg, self.verbose = cfg, verbose
+        cuda = torch.cuda.is_available()
+        mp = "bf16" if (cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)) else "no"
+        self.accelerator = Accelerator(mixed_precision=mp, cpu=not cuda)
+        set_seed(cfg.run.seed)
+        self.paths = resolve_paths(cfg, verbose)
+        self.run_dir = os.path.abspath(cfg.run.out_dir)
+        self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+
+        self.processor = load_processor(self.paths["student"])
+        teacher_processor = load_processor(self.paths["teacher"])
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        student = load_model(self.paths["student"], attn_implementation=cfg.model.attn_implementation)
+        # the teacher never trains: keep it in bf16 under mixed precision (the student keeps fp32 master weights)
+        teacher = load_model(self.paths["teacher"], dtype=torch.bfloat16 if mp == "bf16" else torch.float32,
+                             attn_implementation=cfg.model.attn_implementation)
+        self.vocab_size = check_same_tokenizer(self.tokenizer, getattr(teacher_processor, "tokenizer",
+                                                                       teacher_processor), student, teacher)
+        if cfg.model.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        student.train()
+        teacher.eval().requires_grad_(False)
+        oc = cfg.optim
+        opt = torch.optim.AdamW(student.parameters(), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
+                                weight_decay=oc.weight_decay)
+        self.student, self.optimizer = self.accelerator.prepare(student, opt)
+        self.teacher = teacher.to(self.accelerator.device)
+        rc = cfg.rollout
+        self.engine = ENGINES[rc.engine](self.tokenizer, max_new_tokens=rc.max_new_tokens,
+                                         temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
+                                         vocab_rows=self.unwrapped.get_output_embeddings().weight.shape[0])
+        self.builder = PromptBuilder(self.processor, cfg.data.system_prompt or None)
+        self.rows = load_dataset_rows(self.paths["train"], cfg.data.image_root)
+        self.sampler = Sampler(len(self.rows), cfg.run.seed, cfg.data.shuffle)
+        self.loss_kwargs = cfg.loss_kwargs()
+        self.step = 0
+        self._stop_signal = None
+        if resume:
+            self.load_checkpoint(resume if isinstance(resume, str) else self.latest_checkpoint())
+        elif os.path.exists(os.path.join(self.ckpt_dir, "latest")):
+            raise FileExistsError(f"{self.run_dir} already has checkpoints: pass --resume to continue it, or "
+                                  "choose another run.out_dir")
+
+    @property
+    def unwrapped(self):
+        return self.accelerator.unwrap_model(self.student)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def micro_step(self, rows) -> dict:
+        dev = self.accelerator.device
+        n = self.cfg.rollout.samples_per_prompt
+        t0 = time.perf_counter()
+        img = repeat_prompt(self.builder.encode(rows, with_image=True), n)
+        txt = repeat_prompt(self.builder.encode(rows, with_image=False), n)
+        img = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in img.items()}
+        txt = {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in txt.items()}
+        with self.accelerator.autocast():
+            completion, mask = self.engine.generate(self.student, img, do_sample=True)
+        t1 = time.perf_counter()
+        views = build_views(img, txt, completion, mask)
+        with self.accelerator.autocast():
+            hs, hsp, ht, htp = four_view_hidden(self.student, self.teacher, views)
+        t2 = time.perf_counter()
+        out = fused_linear_vgs_loss(
+            hs, hsp, self.unwrapped.get_output_embeddings().weight,
+            ht, htp, self.teacher.get_output_embeddings().weight, views.mask,
+            vocab_size=self.vocab_size, **self.loss_kwargs)
+        self.accelerator.backward(out.loss / self.cfg.optim.grad_accum)
+        t3 = time.perf_counter()
+        texts = self.tokenizer.batch_decode(completion.masked_fill(~mask, self.tokenizer.pad_token_id),
+                                            skip_special_tokens=True)
+        answers = [r.answer for r in rows for _ in range(n)]
+        return {"loss": out.loss.item(), **out.metrics, "tokens": int(mask.sum()),
+                "response_len": float(mask.sum(1).float().mean()),
+                "rollout_acc": sum(is_correct(t, a) for t, a in zip(texts, answers)) / len(texts),
+                "time_rollout": t1 - t0, "time_forward": t2 - t1, "time_loss_backward": t3 - t2}
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        oc = self.cfg.optim
+        parts = []
+        for _ in range(oc.grad_accum):
+            rows = [self.rows[i] for i in self.sampler.next(oc.batch_size)]
+            parts.append(self.micro_step(rows))
+        grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), oc.grad_clip) \
+            if oc.grad_clip > 0 else torch.tensor(float("nan"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        m = {k: sum(p[k] for p in parts) / len(parts) for k in parts[0] if k not in ("tokens",)}
+        for k in ("time_rollout", "time_forward", "time_loss_backward"):
+            m[k] = sum(p[k] for p in parts)
+        m["tokens"] = sum(p["tokens"] for p in parts)
+        m["step_time"] = time.perf_counter() - t0
+        m["tokens_per_s"] = m["tokens"] / max(m["step_time"], 1e-9)
+        m["grad_norm"] = float(grad_norm)
+        m["lr"] = self.optimizer.param_groups[0]["lr"]
+        m["step"] = self.step
+        return m
+
+    # ------------------------------------------------------------------ checkpoints
+    def latest_checkpoint(self) -> str:
+        p = os.path.join(self.ckpt_dir, "latest")
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"--resume: no checkpoint in {self.ckpt_dir}")
+        with open(p) as f:
+            return os.path.join(self.ckpt_dir, f.read().strip())
+
+    def save_checkpoint(self) -> str:
+        """Model (safetensors), optimizer, RNG and data position, written atomically (tmp dir + rename)."""
+        from safetensors.torch import save_model
+
+        if not self.accelerator.is_main_process:
+            return ""
+        name = f"step_{self.step:07d}"
+        final = os.path.join(self.ckpt_dir, name)
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_model(self.unwrapped, os.path.join(tmp, MODEL_FILE))
+        torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIM_FILE))
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save({"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng}, os.path.join(tmp, STATE_FILE))
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _atomic_write(os.path.join(self.ckpt_dir, "latest"), name)
+        keep = self.cfg.run.keep_checkpoints
+        olds = sorted(d for d in os.listdir(self.ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
+        for d in olds[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(self.ckpt_dir, d), ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: str) -> None:
+        from safetensors.torch import load_model as load_st
+
+        load_st(self.unwrapped, os.path.join(path, MODEL_FILE))
+        self.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIM_FILE), weights_only=True))
+        st = torch.load(os.path.join(path, STATE_FILE), weights_only=True)
+        self.step = int(st["step"])
+        self.sampler.load_state_dict(st["sampler"])
+        torch.set_rng_state(st["rng"]["torch"])
+        random.setstate(st["rng"]["python"])
+        if "cuda" in st["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        if self.verbose:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    # ------------------------------------------------------------------ the loop
+    def _on_signal(self, signum, _frame):
+        self._stop_signal = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
+
+    def train(self) -> list[dict]:
+        cfg = self.cfg
+        os.makedirs(self.ckpt_dir, exist_ok=True)
+        save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+        _atomic_write(os.path.join(self.run_dir, "paths.json"), json.dumps(self.paths, indent=2))
+        writer = None
+        if cfg.run.tensorboard and self.accelerator.is_main_process:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+        bar = None
+        if cfg.run.progress and self.accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.run.max_steps, initial=self.step, desc=f"{cfg.loss.method}", dynamic_ncols=True)
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        history = []
+        try:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as mf:
+                while self.step < cfg.run.max_steps:
+                    m = self.train_step()
+                    history.append(m)
+                    if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
+                        mf.write(json.dumps(m) + "\n")
+                        mf.flush()
+                        if writer is not None:
+                            for k, v in m.items():
+                                if k != "step" and isinstance(v, (int, float)):
+                                    writer.add_scalar(f"train/{k}", v, self.step)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{m['loss']:.3f}", std=f"{m['std']:.3f}", vis=f"{m['vis']:.3f}",
+                                        acc=f"{m['rollout_acc']:.2f}")
+                    if cfg.eval.every and self.step % cfg.eval.every == 0:
+                        self.log_eval(writer)
+                    if self._stop_signal is not None:
+                        path = self.save_checkpoint()
+                        print(f"\nsignal {self._stop_signal}: checkpoint written to {path}; exiting", flush=True)
+                        raise SystemExit(128 + self._stop_signal)
+                    if cfg.run.save_every and self.step % cfg.run.save_every == 0:
+                        self.save_checkpoint()
+            self.save_checkpoint()
+            self.save_final()
+            if cfg.eval.at_end and self.paths.get("eval"):
+                self.log_eval(writer)
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if bar is not None:
+                bar.close()
+            if writer is not None:
+                writer.close()
+        return history
+
+    def save_final(self) -> str:
+        out = os.path.join(self.run_dir, "final")
+        if self.accelerator.is_main_process:
+            self.unwrapped.save_pretrained(out)
+            self.processor.save_pretrained(out)
+        return out
+
+    def log_eval(self, writer=None) -> dict:
+        from .data import load_dataset_rows as _load
+
+        ec = self.cfg.eval
+        rows = _load(self.paths["eval"], self.cfg.data.image_root)
+        rows = rows[:ec.limit] if ec.limit else rows
+        res = evaluate(self.unwrapped, self.processor, rows, k=ec.k, batch_size=ec.batch_size,
+                       max_new_tokens=ec.max_new_tokens, system_prompt=self.cfg.data.system_prompt or None,
+                       seed=self.cfg.run.seed)
+        res["step"] = self.step
+        with open(os.path.join(self.run_dir, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(res) + "\n")
+        if writer is not None:
+            for k, v in res.items():
+                if k.startswith("acc@"):
+                    writer.add_scalar(f"eval/{k}", v, self.step)
+        if self.verbose:
+            accs = ", ".join(f"{k} {v:.3f}" for k, v in res.items() if k.startswith("acc@"))
+            print(f"eval at step {self.step}: {accs} (n={res['n']})", flush=True)
+        return res
+
+
+def config_summary(cfg: TrainConfig) -> dict:
+    return to_dict(cfg)
