@@ -45,7 +45,12 @@ def load_jsonl(path: str, image_root: str = "") -> list[Example]:
 def load_dataset_rows(spec: str, image_root: str = "") -> list[Example]:
     """``spec``: a JSONL path, or ``hf:NAME[:SPLIT]`` / a saved ``datasets`` folder with image/question/answer."""
     if spec.startswith("hf:") or (os.path.isdir(spec) and os.path.exists(os.path.join(spec, "dataset_info.json"))):
-        import datasets
+        try:
+            import datasets
+        except ImportError as exc:
+            raise ImportError(
+                f"data spec {spec!r} needs the `datasets` package: pip install 'vgs-kernels[datasets]'"
+            ) from exc
 
         if spec.startswith("hf:"):
             name, _, split = spec[3:].partition(":")
