@@ -1,4 +1,5 @@
-"""Console scripts: ``vgs-train``, ``vgs-eval`` (``vgs-calibrate`` and ``vgs-analyze`` come later)."""
+"""Console scripts: ``vgs-train``, ``vgs-eval``, ``vgs-calibrate`` (gamma, App. A) and ``vgs-analyze``
+(gradient angles per VDS decile, Sec. 3.2 / Fig. 3)."""
 
 from __future__ import annotations
 
@@ -90,10 +91,12 @@ def eval_main(argv=None) -> int:
 
 
 def calibrate_main(argv=None) -> int:
-    print("vgs-calibrate: not implemented yet", file=sys.stderr)
-    return 2
+    from .calibrate import main
+
+    return main(argv)
 
 
 def analyze_main(argv=None) -> int:
-    print("vgs-analyze: not implemented yet", file=sys.stderr)
-    return 2
+    from .analyze import main
+
+    return main(argv)

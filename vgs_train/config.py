@@ -15,7 +15,10 @@ import yaml
 from .tiny import TinyModelConfig
 
 METHODS = {"opd": "standard", "vgs": "vgs", "vgs-adaptive": "adaptive", "language-steering": "language"}
-PLANNED_METHODS = ("grpo", "grpo+opd", "grpo+vgs")
+# GRPO (paper Sec. 8, Eq. 22) -> the distillation regulariser's mode (None: pure GRPO, no teacher)
+GRPO_METHODS = {"grpo": None, "grpo+opd": "standard", "grpo+vgs": "vgs"}
+ALL_METHODS = {**METHODS, **GRPO_METHODS}
+PLANNED_METHODS: tuple = ()
 
 
 @dataclass
@@ -60,10 +63,12 @@ class RolloutConfig:
 
 @dataclass
 class LossConfig:
-    method: str = "vgs"  # opd | vgs | vgs-adaptive | language-steering
+    method: str = "vgs"  # opd | vgs | vgs-adaptive | language-steering | grpo | grpo+opd | grpo+vgs
     alpha: float = 2.0
     beta: float = 0.01
-    gamma: float = 1.0
+    gamma: Any = 1.0  # a number, "auto" (measure over the first gamma_calibration_steps, then freeze) or a
+    #                   preset name (qwen3-vl-2b = 0.41, qwen3-vl-4b = 0.36; alpha = 2 only)
+    gamma_calibration_steps: int = 10
     quantile: float = 0.7
     adaptive_quantiles: list = field(default_factory=lambda: [0.4, 0.7])
     threshold: Any = None
@@ -73,6 +78,19 @@ class LossConfig:
     detach_target_prior: bool = True
     chunk_size: Any = None
     backend: str = "auto"
+
+
+@dataclass
+class GRPOConfig:
+    """GRPO (methods grpo, grpo+opd, grpo+vgs): J = (1 - lam) * J_GRPO - lam * L_distill (Eq. 22).
+    The group size G is rollout.samples_per_prompt (>= 2)."""
+
+    lam: float = 0.3  # lambda: weight of the distillation regulariser (0 = pure GRPO, 1 = pure distillation)
+    epsilon: float = 0.2  # PPO clip range: ratio clipped to [1 - epsilon, 1 + epsilon_high]
+    epsilon_high: Any = None  # default: epsilon
+    reward: str = "exact_match"  # exact_match | format_exact_match | "module:function" (completion, answer) -> float
+    scale_rewards: bool = True  # divide the group-centred rewards by the group std
+    iterations: int = 1  # optimizer steps per rollout batch (> 1 makes the clip active)
 
 
 @dataclass
@@ -126,16 +144,30 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
 
     def validate(self) -> TrainConfig:
         m = self.loss.method
-        if m in PLANNED_METHODS:
-            raise ValueError(f"loss.method={m!r} is planned but not implemented yet; use one of {sorted(METHODS)}")
-        if m not in METHODS:
-            raise ValueError(f"loss.method must be one of {sorted(METHODS)}, got {m!r}")
+        if m not in ALL_METHODS:
+            raise ValueError(f"loss.method must be one of {sorted(ALL_METHODS)}, got {m!r}")
+        self._validate_gamma()
+        if m in GRPO_METHODS:
+            g = self.grpo
+            if self.rollout.samples_per_prompt < 2:
+                raise ValueError(f"loss.method={m} needs rollout.samples_per_prompt (the GRPO group size G) >= 2, "
+                                 f"got {self.rollout.samples_per_prompt}")
+            if not 0.0 <= g.lam <= 1.0:
+                raise ValueError(f"grpo.lam must be in [0, 1], got {g.lam!r}")
+            if g.epsilon <= 0 or (g.epsilon_high is not None and float(g.epsilon_high) <= 0):
+                raise ValueError(f"grpo.epsilon / grpo.epsilon_high must be > 0, got {g.epsilon!r} / {g.epsilon_high!r}")
+            if not isinstance(g.iterations, int) or g.iterations < 1:
+                raise ValueError(f"grpo.iterations must be a positive integer, got {g.iterations!r}")
+            from .rewards import get_reward_fn
+
+            get_reward_fn(g.reward)
         for name, v in (("run.max_steps", self.run.max_steps), ("optim.grad_accum", self.optim.grad_accum),
                         ("optim.batch_size", self.optim.batch_size),
                         ("rollout.max_new_tokens", self.rollout.max_new_tokens),
@@ -156,16 +188,55 @@ class TrainConfig:
             raise ValueError(f"rollout.engine must be one of {sorted(ENGINES)}, got {self.rollout.engine!r}")
         return self
 
+    def _validate_gamma(self) -> None:
+        g = self.loss.gamma
+        if isinstance(g, str) and g != "auto":
+            from .calibrate import gamma_preset
+
+            try:
+                float(g)
+            except ValueError:
+                gamma_preset(g, self.loss.alpha)  # raises naming the presets
+            else:
+                self.loss.gamma = float(g)
+        elif isinstance(g, bool) or not isinstance(g, (int, float, str)):
+            raise ValueError(f"loss.gamma must be a number, 'auto' or a preset name, got {g!r}")
+        if isinstance(self.loss.gamma, (int, float)) and self.loss.gamma <= 0:
+            raise ValueError(f"loss.gamma must be > 0, got {g!r}")
+        if self.loss.gamma == "auto":
+            if self.loss_mode in (None, "standard"):
+                raise ValueError(f"loss.gamma=auto normalises the steering term; loss.method={self.loss.method} "
+                                 "has none (use a number)")
+            if self.loss.gamma_calibration_steps < 1:
+                raise ValueError("loss.gamma_calibration_steps must be >= 1")
+
     @property
-    def loss_mode(self) -> str:
-        return METHODS[self.loss.method]
+    def loss_mode(self) -> str | None:
+        """The VGS loss mode (for GRPO methods: the regulariser's mode; None for pure GRPO)."""
+        return ALL_METHODS[self.loss.method]
+
+    @property
+    def is_grpo(self) -> bool:
+        return self.loss.method in GRPO_METHODS
+
+    def gamma_value(self) -> float:
+        """The numeric gamma (presets resolved; ``auto`` -> 1.0 until calibrated)."""
+        g = self.loss.gamma
+        if g == "auto":
+            return 1.0
+        if isinstance(g, str):
+            from .calibrate import gamma_preset
+
+            return gamma_preset(g, self.loss.alpha)
+        return float(g)
 
     def loss_kwargs(self) -> dict:
         lc = self.loss
         thr = lc.threshold
         if isinstance(thr, list):
             thr = tuple(thr)
-        return dict(mode=self.loss_mode, alpha=lc.alpha, beta=lc.beta, gamma=lc.gamma, quantile=lc.quantile,
+        return dict(mode=self.loss_mode or "standard", alpha=lc.alpha, beta=lc.beta, gamma=self.gamma_value(),
+                    quantile=lc.quantile,
                     adaptive_quantiles=tuple(lc.adaptive_quantiles), threshold=thr, vds_scope=lc.vds_scope,
                     temperature=lc.temperature, reduction=lc.reduction,
                     detach_target_prior=lc.detach_target_prior, chunk_size=lc.chunk_size, backend=lc.backend)

@@ -7,6 +7,12 @@ Per optimizer step, for each of ``grad_accum`` micro-batches:
      text-only (with grad), teacher image / text-only (no grad, eval mode);
   4. ``fused_linear_vgs_loss`` with both lm_head weights and the tokenizer's vocabulary size; backward.
 Then grad clipping, AdamW (constant LR), logging, checkpointing.
+
+GRPO methods (``grpo``, ``grpo+opd``, ``grpo+vgs``; paper Sec. 8, Eq. 22) sample G =
+``rollout.samples_per_prompt`` rollouts per prompt, score them with the verifiable reward and minimise
+-(1 - lambda) * J_GRPO + lambda * L_distill (``vgs_train.grpo``). ``loss.gamma: auto`` measures gamma
+(Eq. 15) on each of the first ``loss.gamma_calibration_steps`` micro-batches, then freezes the mean
+(``vgs_train.calibrate.AutoGamma``; written to ``gamma.json``).
 """
 
 from __future__ import annotations
@@ -22,10 +28,13 @@ import torch
 
 from vgs_kernels import fused_linear_vgs_loss
 
-from .config import TrainConfig, save_config, to_dict
+from .calibrate import AutoGamma, select_params
+from .config import GRPO_METHODS, TrainConfig, save_config, to_dict
 from .data import Sampler, load_dataset_rows
 from .evaluate import evaluate, is_correct
+from .grpo import grpo_loss, rollout_groups
 from .modeling import check_same_tokenizer, load_model, load_processor
+from .rewards import get_reward_fn
 from .rollout import ENGINES
 from .views import PromptBuilder, build_views, four_view_hidden, repeat_prompt
 
@@ -95,6 +104,10 @@ class Trainer:
         self.rows = load_dataset_rows(self.paths["train"], cfg.data.image_root)
         self.sampler = Sampler(len(self.rows), cfg.run.seed, cfg.data.shuffle)
         self.loss_kwargs = cfg.loss_kwargs()
+        self.auto_gamma = AutoGamma(cfg.loss.gamma_calibration_steps) if cfg.loss.gamma == "auto" else None
+        self.reward_fn = get_reward_fn(cfg.grpo.reward) if cfg.is_grpo else None
+        self._grpo_buffer: list = []  # rollout batches reused for grpo.iterations optimizer steps
+        self._grpo_uses = 0
         self.step = 0
         self._stop_signal = None
         if resume:
@@ -107,8 +120,43 @@ class Trainer:
     def unwrapped(self):
         return self.accelerator.unwrap_model(self.student)
 
+    # ------------------------------------------------------------------ gamma: auto
+    def _weights(self):
+        return self.unwrapped.get_output_embeddings().weight, self.teacher.get_output_embeddings().weight
+
+    def _gamma(self, hidden, mask) -> float:
+        """gamma for this micro-batch: measured (Eq. 15) while ``loss.gamma: auto`` calibrates, then frozen."""
+        ag = self.auto_gamma
+        if not ag.calibrating:
+            return ag.value
+        if not hasattr(self, "_gamma_params"):
+            self._gamma_params = select_params(self.unwrapped)
+        mode = self.cfg.loss_mode
+        kw = {k: v for k, v in self.loss_kwargs.items() if k not in ("mode", "alpha")}
+        g = ag.measure(hidden, self._weights(), mask, self._gamma_params, mode=mode, alpha=self.cfg.loss.alpha,
+                       vocab_size=self.vocab_size, loss_kwargs=kw)
+        if not ag.calibrating:
+            self._gamma_frozen()
+        return g
+
+    def _gamma_frozen(self) -> None:
+        from .calibrate import summarise
+
+        ag = self.auto_gamma
+        info = {"gamma": ag.frozen, "steps": ag.steps, "summary": summarise(ag.history), "history": ag.history,
+                "alpha": self.cfg.loss.alpha, "frozen_at_step": self.step + 1}
+        if self.accelerator.is_main_process:
+            os.makedirs(self.run_dir, exist_ok=True)
+            _atomic_write(os.path.join(self.run_dir, "gamma.json"), json.dumps(info, indent=2))
+        if self.verbose:
+            sm = info["summary"]["gamma"]
+            print(f"\ngamma: auto -> {ag.frozen:.4f} (mean over {ag.steps} calibration micro-batches, std "
+                  f"{sm['std']:.4f}); frozen from now on", flush=True)
+
     # ------------------------------------------------------------------ one optimizer step
-    def micro_step(self, rows) -> dict:
+    def micro_step(self, rows, batch=None) -> dict:
+        if self.cfg.is_grpo:
+            return self.grpo_micro_step(rows, batch)
         dev = self.accelerator.device
         n = self.cfg.rollout.samples_per_prompt
         t0 = time.perf_counter()
@@ -123,27 +171,63 @@ class Trainer:
         with self.accelerator.autocast():
             hs, hsp, ht, htp = four_view_hidden(self.student, self.teacher, views)
         t2 = time.perf_counter()
+        kw = dict(self.loss_kwargs)
+        if self.auto_gamma is not None:
+            kw["gamma"] = self._gamma((hs, hsp, ht, htp), views.mask)
         out = fused_linear_vgs_loss(
             hs, hsp, self.unwrapped.get_output_embeddings().weight,
             ht, htp, self.teacher.get_output_embeddings().weight, views.mask,
-            vocab_size=self.vocab_size, **self.loss_kwargs)
+            vocab_size=self.vocab_size, **kw)
         self.accelerator.backward(out.loss / self.cfg.optim.grad_accum)
         t3 = time.perf_counter()
         texts = self.tokenizer.batch_decode(completion.masked_fill(~mask, self.tokenizer.pad_token_id),
                                             skip_special_tokens=True)
         answers = [r.answer for r in rows for _ in range(n)]
-        return {"loss": out.loss.item(), **out.metrics, "tokens": int(mask.sum()),
+        return {"loss": out.loss.item(), **out.metrics, "gamma": kw["gamma"], "tokens": int(mask.sum()),
                 "response_len": float(mask.sum(1).float().mean()),
                 "rollout_acc": sum(is_correct(t, a) for t, a in zip(texts, answers)) / len(texts),
                 "time_rollout": t1 - t0, "time_forward": t2 - t1, "time_loss_backward": t3 - t2}
+
+    def grpo_micro_step(self, rows, batch=None) -> dict:
+        """GRPO + distillation (Eq. 22) on new rollouts of ``rows`` or on a stored rollout ``batch``."""
+        cfg, g = self.cfg, self.cfg.grpo
+        if batch is None:
+            with self.accelerator.autocast():
+                batch = rollout_groups(self.student, self.engine, self.builder, rows, cfg.rollout.samples_per_prompt,
+                                       self.reward_fn, scale_rewards=g.scale_rewards,
+                                       device=self.accelerator.device)
+            if g.iterations > 1:
+                self._grpo_buffer.append(batch)
+            t_roll = batch.time_rollout
+        else:
+            t_roll = 0.0
+        t1 = time.perf_counter()
+        loss, m = grpo_loss(self.student, self.teacher, batch, lam=g.lam, distill_mode=GRPO_METHODS[cfg.loss.method],
+                            epsilon=g.epsilon, epsilon_high=g.epsilon_high, reduction=cfg.loss.reduction,
+                            policy_temperature=cfg.rollout.temperature, vocab_size=self.vocab_size,
+                            distill_kwargs=self.loss_kwargs, autocast=self.accelerator.autocast,
+                            gamma_fn=self._gamma if self.auto_gamma is not None else None)
+        t2 = time.perf_counter()
+        self.accelerator.backward(loss / cfg.optim.grad_accum)
+        t3 = time.perf_counter()
+        m.update(time_rollout=t_roll, time_forward=t2 - t1, time_loss_backward=t3 - t2)
+        return m
 
     def train_step(self) -> dict:
         t0 = time.perf_counter()
         oc = self.cfg.optim
         parts = []
-        for _ in range(oc.grad_accum):
-            rows = [self.rows[i] for i in self.sampler.next(oc.batch_size)]
-            parts.append(self.micro_step(rows))
+        reuse = self.cfg.is_grpo and self._grpo_uses > 0 and len(self._grpo_buffer) == oc.grad_accum
+        if not reuse:
+            self._grpo_buffer, self._grpo_uses = [], 0
+        for a in range(oc.grad_accum):
+            if reuse:
+                parts.append(self.micro_step(None, self._grpo_buffer[a]))
+            else:
+                rows = [self.rows[i] for i in self.sampler.next(oc.batch_size)]
+                parts.append(self.micro_step(rows))
+        if self.cfg.is_grpo:
+            self._grpo_uses = (self._grpo_uses + 1) % self.cfg.grpo.iterations
         grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), oc.grad_clip) \
             if oc.grad_clip > 0 else torch.tensor(float("nan"))
         self.optimizer.step()
@@ -184,7 +268,10 @@ class Trainer:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save({"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng}, os.path.join(tmp, STATE_FILE))
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng}
+        if self.auto_gamma is not None:
+            state["auto_gamma"] = json.dumps(self.auto_gamma.state_dict())
+        torch.save(state, os.path.join(tmp, STATE_FILE))
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -203,6 +290,8 @@ class Trainer:
         st = torch.load(os.path.join(path, STATE_FILE), weights_only=True)
         self.step = int(st["step"])
         self.sampler.load_state_dict(st["sampler"])
+        if self.auto_gamma is not None and "auto_gamma" in st:
+            self.auto_gamma.load_state_dict(json.loads(st["auto_gamma"]))
         torch.set_rng_state(st["rng"]["torch"])
         random.setstate(st["rng"]["python"])
         if "cuda" in st["rng"] and torch.cuda.is_available():
@@ -246,8 +335,8 @@ class Trainer:
                                     writer.add_scalar(f"train/{k}", v, self.step)
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{m['loss']:.3f}", std=f"{m['std']:.3f}", vis=f"{m['vis']:.3f}",
-                                        acc=f"{m['rollout_acc']:.2f}")
+                        bar.set_postfix({k: f"{m[k]:.3f}" for k in ("loss", "std", "vis", "reward", "gamma")
+                                         if k in m} | {"acc": f"{m['rollout_acc']:.2f}"})
                     if cfg.eval.every and self.step % cfg.eval.every == 0:
                         self.log_eval(writer)
                     if self._stop_signal is not None:
