@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import MODES, assert_close, ragged_mask, random_logits
 
-from vgs_kernels import backends, fused_linear_vgs_loss, vgs_loss
+from vgs_kernels import backends, vgs_loss
 from vgs_kernels.backends import resolve, torch_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,76 +43,8 @@ def _run_logits(backend, logits, mask, **kw):
     return out, zs.grad, zsp.grad
 
 
-GRID = [  # vocab_size < V needs V > 1
-    c for c in itertools.product(MODES, ("sequence", "token"), (1.0, 0.7), (1, 97, 1000), (False, True))
-    if not (c[3] == 1 and c[4])
-]
-
-
-@needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("mode,reduction,temperature,V,slice_vocab", GRID)
-def test_vgs_loss_cpu_matches_reference(mode, reduction, temperature, V, slice_vocab, dtype):
-    logits = random_logits(3, 6, V, dtype, seed=V + 1)
-    mask = ragged_mask(3, 6)  # sequence 1 is empty
-    kw = dict(mode=mode, reduction=reduction, temperature=temperature,
-              vocab_size=V - V // 7 - 1 if slice_vocab else None)
-    ref, ref_gs, ref_gsp = _run_logits("reference", logits, mask, **kw)
-    got, gs, gsp = _run_logits("cpu", logits, mask, **kw)
-    rtol, atol = TOL[dtype]
-    assert_close(got.loss.detach(), ref.loss.detach(), rtol, atol, "loss")
-    assert_close(gs, ref_gs, rtol, atol, "grad student_logits")
-    assert_close(gsp, ref_gsp, rtol, atol, "grad student_text_logits")
-    assert gs.dtype == dtype
-    for k in ref.per_token:
-        assert_close(got.per_token[k], ref.per_token[k], rtol, atol, f"per_token[{k}]")
-    for k in ref.metrics:
-        assert got.metrics[k] == pytest.approx(ref.metrics[k], rel=rtol, abs=1e-6, nan_ok=True), k
-    if slice_vocab:
-        assert torch.all(gs[..., kw["vocab_size"]:] == 0)
-
-
-def _run_fused(backend, tensors, mask, chunk_size=None, **kw):
-    hs, hsp, ws, bs, ht, htp, wt, bt = (t.clone() for t in tensors)
-    for t in (hs, hsp, ws, bs):
-        t.requires_grad_()
-    out = fused_linear_vgs_loss(hs, hsp, ws, ht, htp, wt, mask, student_bias=bs, teacher_bias=bt,
-                                backend=backend, chunk_size=chunk_size, **kw)
-    out.loss.backward()
-    return out, [t.grad for t in (hs, hsp, ws, bs)]
-
-
-def _fused_inputs(b, t, v, hs_dim, ht_dim, dtype, seed, v_teacher):
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*s, scale=1.0):
-        return (torch.randn(*s, generator=g) * scale).to(dtype)
-
-    return [r(b, t, hs_dim), r(b, t, hs_dim), r(v, hs_dim, scale=0.5), r(v, scale=0.5),
-            r(b, t, ht_dim), r(b, t, ht_dim), r(v_teacher, ht_dim, scale=0.5), r(v_teacher, scale=0.5)]
-
-
-FUSED_GRID = list(itertools.product(MODES, ("sequence", "token"), (1.0, 0.7), (1, 97, 1000)))
-
-
-@needs_ext
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("mode,reduction,temperature,V", FUSED_GRID)
-def test_fused_linear_cpu_matches_reference(mode, reduction, temperature, V, dtype):
-    # hidden sizes differ; the heads have 3 extra rows that vocab_size slices away.
-    tensors = _fused_inputs(3, 5, V + 3, 16, 24, dtype, seed=V, v_teacher=V + 3)
-    mask = ragged_mask(3, 5)
-    kw = dict(mode=mode, reduction=reduction, temperature=temperature, vocab_size=V)
-    ref, ref_grads = _run_fused("reference", tensors, mask, **kw)
-    got, grads = _run_fused("cpu", tensors, mask, chunk_size=4, **kw)
-    rtol, atol = TOL[dtype]
-    if dtype == torch.bfloat16:  # the logits themselves are bf16 GEMM outputs on both sides
-        rtol, atol = 5e-2, 5e-2
-    assert_close(got.loss.detach(), ref.loss.detach(), rtol, atol, "loss")
-    for name, g, r in zip(("student_hidden", "student_text_hidden", "student_weight", "student_bias"),
-                          grads, ref_grads):
-        assert_close(g, r, rtol, atol, f"grad {name}")
-        assert g.dtype == dtype
+# The reference grid (modes x reductions x temperatures x V x vocab_size x dtypes) runs every
+# row backend, cpu included, in tests/test_loss_backends.py.
 
 
 @needs_ext

@@ -1,4 +1,4 @@
-"""The chunked `torch` backend against the materialised `reference`, values and gradients."""
+"""The row backends (`torch`, and `cpu` when built) against the materialised `reference`."""
 
 import itertools
 
@@ -6,9 +6,15 @@ import pytest
 import torch
 from helpers import MODES, assert_close, ragged_mask, random_logits
 
-from vgs_kernels import fused_linear_vgs_loss, vgs_loss
+from vgs_kernels import backends, fused_linear_vgs_loss, vgs_loss
 
 TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
+# Every row backend that runs at full speed on CPU tensors (triton runs in its interpreter:
+# tests/test_triton.py covers it on smaller shapes).
+ROW_BACKENDS = [
+    pytest.param(name, marks=pytest.mark.skipif(backends()[name] != "available", reason=f"{name}: {backends()[name]}"))
+    for name in ("torch", "cpu")
+]
 
 
 def _run_logits(backend, logits, mask, **kw):
@@ -26,15 +32,16 @@ GRID = [  # vocab_size < V needs V > 1
 ]
 
 
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode,reduction,temperature,V,slice_vocab", GRID)
-def test_vgs_loss_torch_matches_reference(mode, reduction, temperature, V, slice_vocab, dtype):
+def test_vgs_loss_matches_reference(mode, reduction, temperature, V, slice_vocab, dtype, backend):
     logits = random_logits(3, 6, V, dtype, seed=V)
     mask = ragged_mask(3, 6)
     kw = dict(mode=mode, reduction=reduction, temperature=temperature,
               vocab_size=V - V // 7 - 1 if slice_vocab else None)
     ref, ref_gs, ref_gsp = _run_logits("reference", logits, mask, **kw)
-    got, gs, gsp = _run_logits("torch", logits, mask, **kw)
+    got, gs, gsp = _run_logits(backend, logits, mask, **kw)
     rtol, atol = TOL[dtype]
     assert_close(got.loss.detach(), ref.loss.detach(), rtol, atol, "loss")
     assert_close(gs, ref_gs, rtol, atol, "grad student_logits")
@@ -72,16 +79,17 @@ def fused_inputs(b, t, v, hs_dim, ht_dim, dtype, seed, v_teacher=None):
             r(b, t, ht_dim), r(b, t, ht_dim), r(vt, ht_dim, scale=0.5), r(vt, scale=0.5)]
 
 
+@pytest.mark.parametrize("backend", ROW_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode,reduction,temperature,V", FUSED_GRID)
-def test_fused_linear_torch_matches_reference(mode, reduction, temperature, V, dtype):
+def test_fused_linear_matches_reference(mode, reduction, temperature, V, dtype, backend):
     # student and teacher hidden sizes differ; the teacher head has 3 extra rows; vocab_size < V
     # slices both heads (V = 1 keeps its single id).
     tensors = fused_inputs(3, 5, V, 16, 24, dtype, seed=V, v_teacher=V + 3)
     mask = ragged_mask(3, 5)
     kw = dict(mode=mode, reduction=reduction, temperature=temperature, vocab_size=max(1, V - V // 7))
     ref, ref_grads = _run_fused("reference", tensors, mask, **kw)
-    got, grads = _run_fused("torch", tensors, mask, chunk_size=4, **kw)
+    got, grads = _run_fused(backend, tensors, mask, chunk_size=4, **kw)
     rtol, atol = TOL[dtype]
     if dtype == torch.bfloat16:  # logits themselves are bf16 GEMM outputs on both sides
         rtol, atol = 5e-2, 5e-2
