@@ -14,7 +14,7 @@ install: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q "setuptools>=64" wheel
 	# --no-build-isolation: compile vgs_kernels._C against the torch installed above
-	$(PY) -m pip install -q --no-build-isolation -e ".[train,bench,dev]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[train,bench,dev,trl]"
 
 demo: install
 	$(PY) -m vgs_train.demo

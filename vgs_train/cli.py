@@ -47,7 +47,8 @@ def train_main(argv=None) -> int:
         print(f"vgs-train: error: {e}", file=sys.stderr)
         return 2
     trainer.train()
-    print(f"done: {trainer.step} steps; run directory {trainer.run_dir}")
+    if trainer.accelerator.is_main_process:
+        print(f"done: {trainer.step} steps; run directory {trainer.run_dir}")
     return 0
 
 

@@ -65,7 +65,8 @@ def check_same_tokenizer(student_tok, teacher_tok, student_model=None, teacher_m
     n = len(student_tok)
     for name, m in (("student", student_model), ("teacher", teacher_model)):
         if m is not None:
-            rows = m.get_output_embeddings().weight.shape[0]
+            w = m.get_output_embeddings().weight
+            rows = getattr(w, "ds_shape", w.shape)[0]  # ZeRO-3 partitioned init keeps the full shape there
             if rows < n:
                 raise ValueError(f"the {name}'s lm_head has {rows} rows, fewer than the tokenizer's {n} ids")
     return n

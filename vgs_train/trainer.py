@@ -8,6 +8,13 @@ Per optimizer step, for each of ``grad_accum`` micro-batches:
   4. ``fused_linear_vgs_loss`` with both lm_head weights and the tokenizer's vocabulary size; backward.
 Then grad clipping, AdamW (constant LR), logging, checkpointing.
 
+Multi-process (``accelerate launch`` / ``torchrun``; ``vgs_train.distributed``): every rank draws the
+same global micro-batch from the seeded sampler and keeps its share (``rank_share``), samples its own
+rollouts, and scales its loss by the all-reduced normaliser so that the engine's gradient average is the
+single-process gradient on the global batch; the loss runs inside the wrapped student's forward (the
+lm_head is whole there under FSDP2 / ZeRO-3); metrics are reduced over ranks; checkpoints are written
+once (main process, with every rank's RNG state) and resumed on all ranks.
+
 GRPO methods (``grpo``, ``grpo+opd``, ``grpo+vgs``; paper Sec. 8, Eq. 22) sample G =
 ``rollout.samples_per_prompt`` rollouts per prompt, score them with the verifiable reward and minimise
 -(1 - lambda) * J_GRPO + lambda * L_distill (``vgs_train.grpo``). ``loss.gamma: auto`` measures gamma
@@ -31,6 +38,17 @@ from vgs_kernels import fused_linear_vgs_loss
 from .calibrate import AutoGamma, select_params
 from .config import GRPO_METHODS, TrainConfig, save_config, to_dict
 from .data import Sampler, load_dataset_rows
+from .distributed import (
+    any_rank,
+    configure_deepspeed,
+    gather_objects,
+    global_counts,
+    prepare_sharded_lm_head,
+    rank_share,
+    reduce_metrics,
+    run_with_lm_head,
+    whole_init,
+)
 from .evaluate import evaluate, is_correct
 from .grpo import grpo_loss, rollout_groups
 from .modeling import check_same_tokenizer, load_model, load_processor
@@ -73,8 +91,14 @@ class Trainer:
         cuda = torch.cuda.is_available()
         mp = "bf16" if (cfg.model.dtype == "bf16" or (cfg.model.dtype == "auto" and cuda)) else "no"
         self.accelerator = Accelerator(mixed_precision=mp, cpu=not cuda)
-        set_seed(cfg.run.seed)
-        self.paths = resolve_paths(cfg, verbose)
+        self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
+        self.verbose = verbose and self.accelerator.is_main_process
+        if self.world > 1 and cfg.loss.gamma == "auto":
+            raise ValueError("loss.gamma=auto calibrates on one process; with several processes measure gamma "
+                             "with vgs-calibrate and pass the number (or a preset)")
+        set_seed(cfg.run.seed + self.rank)  # rank 0 (and a single process) keeps the run's seed
+        with self.accelerator.main_process_first():  # the embedded default is prepared once
+            self.paths = resolve_paths(cfg, self.verbose)
         self.run_dir = os.path.abspath(cfg.run.out_dir)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
 
@@ -82,9 +106,11 @@ class Trainer:
         teacher_processor = load_processor(self.paths["teacher"])
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         student = load_model(self.paths["student"], attn_implementation=cfg.model.attn_implementation)
-        # the teacher never trains: keep it in bf16 under mixed precision (the student keeps fp32 master weights)
-        teacher = load_model(self.paths["teacher"], dtype=torch.bfloat16 if mp == "bf16" else torch.float32,
-                             attn_implementation=cfg.model.attn_implementation)
+        # the teacher never trains: keep it in bf16 under mixed precision (the student keeps fp32 master weights);
+        # it is replicated, so it is loaded whole even under ZeRO-3's partitioned init
+        with whole_init():
+            teacher = load_model(self.paths["teacher"], dtype=torch.bfloat16 if mp == "bf16" else torch.float32,
+                                 attn_implementation=cfg.model.attn_implementation)
         self.vocab_size = check_same_tokenizer(self.tokenizer, getattr(teacher_processor, "tokenizer",
                                                                        teacher_processor), student, teacher)
         if cfg.model.gradient_checkpointing:
@@ -94,12 +120,15 @@ class Trainer:
         oc = cfg.optim
         opt = torch.optim.AdamW(student.parameters(), lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps,
                                 weight_decay=oc.weight_decay)
+        configure_deepspeed(self.accelerator, oc.batch_size * cfg.rollout.samples_per_prompt, oc.grad_accum)
         self.student, self.optimizer = self.accelerator.prepare(student, opt)
+        prepare_sharded_lm_head(self.student)  # ZeRO-3: the lm_head weight is gathered for the root's forward
+        # the teacher is inference-only: replicated on every rank, never prepared (no optimizer state)
         self.teacher = teacher.to(self.accelerator.device)
         rc = cfg.rollout
         self.engine = ENGINES[rc.engine](self.tokenizer, max_new_tokens=rc.max_new_tokens,
                                          temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k,
-                                         vocab_rows=self.unwrapped.get_output_embeddings().weight.shape[0])
+                                         vocab_rows=_rows(self.unwrapped.get_output_embeddings().weight))
         self.builder = PromptBuilder(self.processor, cfg.data.system_prompt or None)
         self.rows = load_dataset_rows(self.paths["train"], cfg.data.image_root)
         self.sampler = Sampler(len(self.rows), cfg.run.seed, cfg.data.shuffle)
@@ -174,16 +203,28 @@ class Trainer:
         kw = dict(self.loss_kwargs)
         if self.auto_gamma is not None:
             kw["gamma"] = self._gamma((hs, hsp, ht, htp), views.mask)
-        out = fused_linear_vgs_loss(
-            hs, hsp, self.unwrapped.get_output_embeddings().weight,
-            ht, htp, self.teacher.get_output_embeddings().weight, views.mask,
-            vocab_size=self.vocab_size, **kw)
-        self.accelerator.backward(out.loss / self.cfg.optim.grad_accum)
+
+        def vgs():
+            return fused_linear_vgs_loss(
+                hs, hsp, self.unwrapped.get_output_embeddings().weight,
+                ht, htp, self.teacher.get_output_embeddings().weight, views.mask,
+                vocab_size=self.vocab_size, **kw)
+
+        if self.world > 1 or self._sharded:
+            # inside the wrapped student's and the lm_head's forward (whole lm_head under FSDP2 / ZeRO-3),
+            # scaled so that the gradient average over ranks is the gradient of the global batch's loss
+            counts = global_counts(views.mask)
+            loss, out = run_with_lm_head(self.student, self.unwrapped, lambda: (lambda o: (o.loss, o))(vgs()))
+            loss = loss * counts.scale(self.cfg.loss.reduction)
+        else:
+            out = vgs()
+            loss = out.loss
+        self.accelerator.backward(loss / self.cfg.optim.grad_accum, **self._backward_kwargs())
         t3 = time.perf_counter()
         texts = self.tokenizer.batch_decode(completion.masked_fill(~mask, self.tokenizer.pad_token_id),
                                             skip_special_tokens=True)
         answers = [r.answer for r in rows for _ in range(n)]
-        return {"loss": out.loss.item(), **out.metrics, "gamma": kw["gamma"], "tokens": int(mask.sum()),
+        return {"loss": loss.item(), **out.metrics, "gamma": kw["gamma"], "tokens": int(mask.sum()),
                 "response_len": float(mask.sum(1).float().mean()),
                 "rollout_acc": sum(is_correct(t, a) for t, a in zip(texts, answers)) / len(texts),
                 "time_rollout": t1 - t0, "time_forward": t2 - t1, "time_loss_backward": t3 - t2}
@@ -208,7 +249,10 @@ class Trainer:
                             distill_kwargs=self.loss_kwargs, autocast=self.accelerator.autocast,
                             gamma_fn=self._gamma if self.auto_gamma is not None else None)
         t2 = time.perf_counter()
-        self.accelerator.backward(loss / cfg.optim.grad_accum)
+        if self.world > 1:  # both terms are reduced over the same mask: one global-normaliser scale (DDP)
+            loss = loss * global_counts(batch.views.mask).scale(cfg.loss.reduction)
+            m["loss"] = float(loss.detach())
+        self.accelerator.backward(loss / cfg.optim.grad_accum, **self._backward_kwargs())
         t3 = time.perf_counter()
         m.update(time_rollout=t_roll, time_forward=t2 - t1, time_loss_backward=t3 - t2)
         return m
@@ -224,7 +268,9 @@ class Trainer:
             if reuse:
                 parts.append(self.micro_step(None, self._grpo_buffer[a]))
             else:
-                rows = [self.rows[i] for i in self.sampler.next(oc.batch_size)]
+                # every rank draws the same global micro-batch and keeps its share
+                rows = [self.rows[i] for i in rank_share(self.sampler.next(oc.batch_size * self.world),
+                                                         self.rank, self.world)]
                 parts.append(self.micro_step(rows))
         if self.cfg.is_grpo:
             self._grpo_uses = (self._grpo_uses + 1) % self.cfg.grpo.iterations
@@ -237,9 +283,13 @@ class Trainer:
         for k in ("time_rollout", "time_forward", "time_loss_backward"):
             m[k] = sum(p[k] for p in parts)
         m["tokens"] = sum(p["tokens"] for p in parts)
+        if self.world > 1:  # token-weighted means of the VGS metrics; the loss is the mean of scaled losses
+            m = reduce_metrics(m, weight=m["tokens"], sum_keys=("tokens",),
+                               mean_keys=("loss", "gamma", "response_len", "rollout_acc", "time_rollout",
+                                          "time_forward", "time_loss_backward"))
         m["step_time"] = time.perf_counter() - t0
         m["tokens_per_s"] = m["tokens"] / max(m["step_time"], 1e-9)
-        m["grad_norm"] = float(grad_norm)
+        m["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)  # DeepSpeed: None at times
         m["lr"] = self.optimizer.param_groups[0]["lr"]
         m["step"] = self.step
         return m
@@ -252,23 +302,46 @@ class Trainer:
         with open(p) as f:
             return os.path.join(self.ckpt_dir, f.read().strip())
 
+    def _backward_kwargs(self) -> dict:
+        """The loss is already divided by the accumulation steps: DeepSpeed must not divide it again."""
+        from accelerate.utils import DistributedType
+
+        return {"scale_wrt_gas": False} if self.accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+
+    @property
+    def _sharded(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
     def save_checkpoint(self) -> str:
-        """Model (safetensors), optimizer, RNG and data position, written atomically (tmp dir + rename)."""
+        """Model (safetensors), optimizer, RNG and data position, written atomically (tmp dir + rename).
+
+        Every rank calls it (collectives); the main process writes, with every rank's RNG state. Under
+        FSDP / DeepSpeed the model and optimizer are sharded: ``accelerator.save_state`` writes them."""
         from safetensors.torch import save_model
 
-        if not self.accelerator.is_main_process:
-            return ""
-        name = f"step_{self.step:07d}"
-        final = os.path.join(self.ckpt_dir, name)
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        save_model(self.unwrapped, os.path.join(tmp, MODEL_FILE))
-        torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIM_FILE))
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng}
+        rngs = gather_objects(rng) if self.world > 1 else [rng]
+        name = f"step_{self.step:07d}"
+        final = os.path.join(self.ckpt_dir, name)
+        tmp = final + ".tmp"
+        main = self.accelerator.is_main_process
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        if self._sharded:
+            self.accelerator.wait_for_everyone()
+            self.accelerator.save_state(os.path.join(tmp, "accelerate_state"))
+        if not main:
+            self.accelerator.wait_for_everyone()
+            return final
+        if not self._sharded:
+            save_model(self.unwrapped, os.path.join(tmp, MODEL_FILE))
+            torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIM_FILE))
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng, "rng_ranks": rngs}
         if self.auto_gamma is not None:
             state["auto_gamma"] = json.dumps(self.auto_gamma.state_dict())
         torch.save(state, os.path.join(tmp, STATE_FILE))
@@ -280,22 +353,28 @@ class Trainer:
         olds = sorted(d for d in os.listdir(self.ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
         for d in olds[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(self.ckpt_dir, d), ignore_errors=True)
+        self.accelerator.wait_for_everyone()
         return final
 
     def load_checkpoint(self, path: str) -> None:
         from safetensors.torch import load_model as load_st
 
-        load_st(self.unwrapped, os.path.join(path, MODEL_FILE))
-        self.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIM_FILE), weights_only=True))
+        if os.path.isdir(os.path.join(path, "accelerate_state")):  # FSDP / DeepSpeed (sharded)
+            self.accelerator.load_state(os.path.join(path, "accelerate_state"))
+        else:
+            load_st(self.unwrapped, os.path.join(path, MODEL_FILE))
+            self.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIM_FILE), weights_only=True))
         st = torch.load(os.path.join(path, STATE_FILE), weights_only=True)
         self.step = int(st["step"])
         self.sampler.load_state_dict(st["sampler"])
         if self.auto_gamma is not None and "auto_gamma" in st:
             self.auto_gamma.load_state_dict(json.loads(st["auto_gamma"]))
-        torch.set_rng_state(st["rng"]["torch"])
-        random.setstate(st["rng"]["python"])
-        if "cuda" in st["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(st["rng"]["cuda"])
+        ranks = st.get("rng_ranks") or [st["rng"]]
+        rng = ranks[self.rank] if len(ranks) == self.world else st["rng"]  # other world size: rank 0's
+        torch.set_rng_state(rng["torch"])
+        random.setstate(rng["python"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
         if self.verbose:
             print(f"resumed from {path} at step {self.step}", flush=True)
 
@@ -306,9 +385,12 @@ class Trainer:
 
     def train(self) -> list[dict]:
         cfg = self.cfg
-        os.makedirs(self.ckpt_dir, exist_ok=True)
-        save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
-        _atomic_write(os.path.join(self.run_dir, "paths.json"), json.dumps(self.paths, indent=2))
+        main = self.accelerator.is_main_process
+        if main:
+            os.makedirs(self.ckpt_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            _atomic_write(os.path.join(self.run_dir, "paths.json"), json.dumps(self.paths, indent=2))
+        self.accelerator.wait_for_everyone()
         writer = None
         if cfg.run.tensorboard and self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
@@ -322,11 +404,11 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         history = []
         try:
-            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as mf:
+            with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") if main else _Null() as mf:
                 while self.step < cfg.run.max_steps:
                     m = self.train_step()
                     history.append(m)
-                    if self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps:
+                    if main and (self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps):
                         mf.write(json.dumps(m) + "\n")
                         mf.flush()
                         if writer is not None:
@@ -339,10 +421,13 @@ class Trainer:
                                          if k in m} | {"acc": f"{m['rollout_acc']:.2f}"})
                     if cfg.eval.every and self.step % cfg.eval.every == 0:
                         self.log_eval(writer)
-                    if self._stop_signal is not None:
+                    # a signal that reached any rank stops all of them (after a checkpoint)
+                    if any_rank(self._stop_signal is not None) if self.world > 1 else self._stop_signal is not None:
+                        sig = self._stop_signal or signal.SIGTERM
                         path = self.save_checkpoint()
-                        print(f"\nsignal {self._stop_signal}: checkpoint written to {path}; exiting", flush=True)
-                        raise SystemExit(128 + self._stop_signal)
+                        if main:
+                            print(f"\nsignal {sig}: checkpoint written to {path}; exiting", flush=True)
+                        raise SystemExit(128 + sig)
                     if cfg.run.save_every and self.step % cfg.run.save_every == 0:
                         self.save_checkpoint()
             self.save_checkpoint()
@@ -360,12 +445,22 @@ class Trainer:
 
     def save_final(self) -> str:
         out = os.path.join(self.run_dir, "final")
+        sd = self.accelerator.get_state_dict(self.student) if self._sharded else None  # collective
         if self.accelerator.is_main_process:
-            self.unwrapped.save_pretrained(out)
+            self.unwrapped.save_pretrained(out, **({"state_dict": sd} if sd is not None else {}))
             self.processor.save_pretrained(out)
+        self.accelerator.wait_for_everyone()
         return out
 
     def log_eval(self, writer=None) -> dict:
+        """Evaluation on the main process (the unwrapped student); the other ranks wait."""
+        if self.world > 1 and not self._sharded:
+            res = self._log_eval(writer) if self.accelerator.is_main_process else {}
+            self.accelerator.wait_for_everyone()
+            return res
+        return self._log_eval(writer)
+
+    def _log_eval(self, writer=None) -> dict:
         from .data import load_dataset_rows as _load
 
         ec = self.cfg.eval
@@ -385,6 +480,27 @@ class Trainer:
             accs = ", ".join(f"{k} {v:.3f}" for k, v in res.items() if k.startswith("acc@"))
             print(f"eval at step {self.step}: {accs} (n={res['n']})", flush=True)
         return res
+
+
+class _Null:
+    """A do-nothing file for the ranks that do not write metrics."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def write(self, _text):
+        pass
+
+    def flush(self):
+        pass
+
+
+def _rows(weight: torch.Tensor) -> int:
+    """Rows of a possibly sharded weight (ZeRO-3 keeps the full shape in ``ds_shape``)."""
+    return int(getattr(weight, "ds_shape", weight.shape)[0])
 
 
 def config_summary(cfg: TrainConfig) -> dict:

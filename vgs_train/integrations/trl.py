@@ -1,0 +1,189 @@
+"""VGS in TRL: ``VGSDistillationTrainer``, a subclass of TRL's on-policy ``DistillationTrainer``.
+
+TRL's trainer samples completions from the student (HF generate or vLLM), runs student and teacher on
+the image prompt + completion and matches their next-token distributions with a generalized JSD. This
+subclass keeps TRL's generation, batching, logging, checkpointing and engine handling, and replaces the
+loss with VGS:
+
+1. after TRL tokenises and generates (``_generate_and_score_completions``), the **text-only view** of
+   every prompt is built: the same conversation with its image items removed, rendered by the same
+   processor and chat template, left-padded;
+2. four decoder passes give the hidden states that predict the completion tokens: student with /
+   without the image (with grad), teacher with / without the image (no grad). The completion ids are
+   appended *unchanged* to both prompt views; position ids are computed per view (3-D M-RoPE for the
+   image view);
+3. ``vgs_kernels.fused_linear_vgs_loss`` takes them with both lm_head weights (``vocab_size`` = the
+   tokenizer's size, so the lm_head's padding rows are excluded).
+
+Multi-process: the loss runs inside the wrapped student's forward (TRL's forward redirection, see
+``vgs_train.distributed``), the VDS threshold is global (``vds_scope="global"``), and each rank's loss is
+scaled by :func:`vgs_train.distributed.loss_scale` so that DDP/FSDP gradient averaging gives the
+global-batch loss. TRL's ``beta`` (JSD interpolation) is unused.
+
+Example: ``examples/trl_vgs.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+
+try:
+    from trl import DistillationTrainer
+    from trl.data_utils import is_conversational, prepare_multimodal_messages
+    from trl.trainer.utils import pad
+except ImportError as exc:  # pragma: no cover - depends on the optional extra
+    raise ImportError(
+        "vgs_train.integrations.trl needs TRL >= 1.0 (DistillationTrainer): pip install 'vgs-kernels[trl]'"
+    ) from exc
+
+from vgs_kernels import fused_linear_vgs_loss
+
+from ..distributed import global_counts, prepare_sharded_lm_head, reduce_metrics, run_in_forward
+from ..views import position_ids_for
+
+DEFAULT_VGS = dict(mode="vgs", alpha=2.0, beta=0.01, gamma=1.0, quantile=0.7, vds_scope="global",
+                   reduction="sequence")
+
+# inputs of the decoder backbone besides ids and mask (what TRL's image view carries)
+_MM_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+def text_only_prompt(prompt: list[dict]) -> list[dict]:
+    """The conversation without its image (and video) items; text items unchanged."""
+    out = []
+    for msg in prompt:
+        msg = copy.copy(msg)
+        content = msg.get("content")
+        if isinstance(content, list):
+            msg["content"] = [part for part in content if part.get("type") not in ("image", "video")]
+        out.append(msg)
+    return out
+
+
+class VGSDistillationTrainer(DistillationTrainer):
+    """TRL ``DistillationTrainer`` with the VGS loss.
+
+    Args (besides ``DistillationTrainer``'s):
+        vgs_kwargs: keywords for ``fused_linear_vgs_loss`` (mode, alpha, beta, gamma, quantile,
+            adaptive_quantiles, threshold, vds_scope, reduction, detach_target_prior, chunk_size, backend).
+            Defaults: the paper's VGS (alpha 2, beta 0.01, gamma 1.0 -- pass 0.41 / 0.36 for Qwen3-VL-2B / 4B),
+            global VDS quantile, sequence reduction. ``temperature`` defaults to ``args.temperature``.
+        vocab_size: ids counted by the distributions (default ``len(tokenizer)``).
+    """
+
+    # the VGS loss is a mean per micro-batch: let Trainer divide it by the accumulation steps
+    loss_is_scaled_for_ga = False
+    _tag_names = ["trl", "distillation", "vgs"]
+    _name = "VGS Distillation"
+
+    def __init__(self, *args, vgs_kwargs: dict | None = None, vocab_size: int | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.teacher_model is None:
+            raise ValueError("VGSDistillationTrainer needs a local teacher_model (the text-only teacher view)")
+        kw = dict(DEFAULT_VGS)
+        kw["temperature"] = self.temperature
+        kw.update(vgs_kwargs or {})
+        self.vgs_kwargs = kw
+        self.vgs_vocab_size = int(vocab_size or len(self._tokenizer))
+        prepare_sharded_lm_head(self.model)
+
+    # ------------------------------------------------------------------ text-only view
+    def _text_prompt_ids(self, prompts: list) -> list[list[int]]:
+        if not is_conversational({"prompt": prompts[0]}):
+            raise ValueError("VGSDistillationTrainer needs conversational prompts (lists of messages)")
+        convs = [text_only_prompt(p) for p in prompts]
+        if self._is_vlm:  # the same content-block structure TRL gives the image view, minus the image
+            convs = [prepare_multimodal_messages(c) for c in convs]
+        tok = self.processing_class.apply_chat_template(
+            conversation=convs, tools=self.tools or None, chat_template=getattr(self, "chat_template", None),
+            add_generation_prompt=True, tokenize=True, return_dict=True, **self.chat_template_kwargs)
+        ids = tok["input_ids"]
+        if torch.is_tensor(ids):  # some processors pad: drop the padding again
+            ids = [row[m.bool()].tolist() for row, m in zip(ids, tok["attention_mask"])]
+        return [list(x) for x in ids]
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        out = super()._generate_and_score_completions(inputs)
+        device = out["prompt_ids"].device
+        ids = [torch.tensor(x, dtype=torch.long) for x in self._text_prompt_ids([x["prompt"] for x in inputs])]
+        out["text_prompt_ids"] = pad(ids, padding_value=self._tokenizer.pad_token_id, padding_side="left").to(device)
+        out["text_prompt_mask"] = pad([torch.ones_like(x) for x in ids], padding_value=0,
+                                      padding_side="left").to(device)
+        return out
+
+    # ------------------------------------------------------------------ hidden states
+    @staticmethod
+    def _response_hidden(unwrapped, view: dict, n_completion: int) -> torch.Tensor:
+        """Backbone (not the root module: FSDP-safe inside the redirected forward) hidden states that
+        predict the completion tokens: [B, C, H]."""
+        from accelerate.utils import is_peft_model
+
+        if is_peft_model(unwrapped):
+            unwrapped = unwrapped.base_model.model
+        backbone = unwrapped.base_model
+        kw = {k: view[k] for k in ("input_ids", "attention_mask", *_MM_KEYS) if view.get(k) is not None}
+        pos = position_ids_for(unwrapped, view)
+        if pos is not None:
+            kw["position_ids"] = pos
+        h = backbone(**kw, use_cache=False).last_hidden_state
+        s = view["response_start"]
+        return h[:, s - 1: s - 1 + n_completion]
+
+    def _views(self, inputs) -> tuple[dict, dict]:
+        comp, cmask = inputs["completion_ids"], inputs["completion_mask"]
+        img = {"input_ids": torch.cat([inputs["prompt_ids"], comp], 1),
+               "attention_mask": torch.cat([inputs["prompt_mask"], cmask], 1),
+               "response_start": inputs["prompt_ids"].shape[1]}
+        for k in ("pixel_values", "image_grid_thw"):
+            if k in inputs:
+                img[k] = inputs[k]
+        if "mm_token_type_ids" in inputs:  # TRL already extended it over the completion
+            img["mm_token_type_ids"] = inputs["mm_token_type_ids"]
+        else:
+            img["mm_token_type_ids"] = torch.zeros_like(img["input_ids"])
+        tids = torch.cat([inputs["text_prompt_ids"], comp], 1)
+        txt = {"input_ids": tids, "attention_mask": torch.cat([inputs["text_prompt_mask"], cmask], 1),
+               "mm_token_type_ids": torch.zeros_like(tids), "response_start": inputs["text_prompt_ids"].shape[1]}
+        return img, txt
+
+    def _vgs_in_forward(self, unwrapped_student, inputs):
+        img, txt = self._views(inputs)
+        C = inputs["completion_ids"].shape[1]
+        mask = inputs["completion_mask"].bool()
+        if "tool_mask" in inputs:
+            mask = mask & inputs["tool_mask"].bool()
+        hs = self._response_hidden(unwrapped_student, img, C)
+        hsp = self._response_hidden(unwrapped_student, txt, C)
+        self.teacher_model.eval()
+        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+        with torch.no_grad():
+            ht, htp = self._forward_redirection(
+                self.teacher_model, unwrapped_teacher,
+                lambda: (self._response_hidden(unwrapped_teacher, img, C),
+                         self._response_hidden(unwrapped_teacher, txt, C)))
+        s_head = unwrapped_student.get_output_embeddings()
+        t_head = unwrapped_teacher.get_output_embeddings()
+
+        def vgs():  # inside the lm_head's own forward too: ZeRO-3 gathers its weight there (and for backward)
+            out = fused_linear_vgs_loss(
+                hs, hsp, s_head.weight, ht.to(hs.device), htp.to(hs.device), t_head.weight.to(hs.device), mask,
+                student_bias=getattr(s_head, "bias", None), teacher_bias=getattr(t_head, "bias", None),
+                vocab_size=self.vgs_vocab_size, **self.vgs_kwargs)
+            return out.loss, out
+
+        loss, out = run_in_forward(s_head, s_head, vgs)
+        counts = global_counts(mask)
+        return loss * counts.scale(self.vgs_kwargs.get("reduction", "sequence")), out.metrics, counts
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        unwrapped = self.accelerator.unwrap_model(model)
+        loss, metrics, counts = self._forward_redirection(model, unwrapped, self._vgs_in_forward, unwrapped, inputs)
+        mode = "train" if self.model.training else "eval"
+        metrics = reduce_metrics(metrics, weight=counts.n_valid_local)  # outside the wrapped forward
+        for k in ("std", "vis", "lang", "vds", "gate_fraction", "threshold"):
+            if k in metrics:
+                self._metrics[mode][f"vgs/{k}"].append(float(metrics[k]))
+        return (loss, None) if return_outputs else loss
