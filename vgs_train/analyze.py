@@ -26,7 +26,6 @@ import argparse
 import csv
 import json
 import os
-import sys
 
 import torch
 
@@ -35,7 +34,6 @@ from vgs_kernels import fused_linear_vgs_loss
 from .calibrate import (
     angle_deg,
     cosine,
-    load_setup,
     loss_kwargs_of,
     norm,
     sample_views,
@@ -300,25 +298,12 @@ def main(argv=None) -> int:
     p.add_argument("--split", choices=("eval", "train"), default="eval", help="prompts from (default: eval)")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    from .calibrate import _split_config
-    from .config import load_config
-    from .data import load_dataset_rows
+    from .calibrate import tool_setup
 
-    config, overrides = _split_config(args.config, args.overrides)
-    try:
-        cfg = load_config(config, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"vgs-analyze: config error: {e}", file=sys.stderr)
+    setup = tool_setup("vgs-analyze", args)
+    if setup is None:
         return 2
-    torch.manual_seed(cfg.run.seed)
-    s = load_setup(cfg, verbose=not args.quiet)
-    spec = s["paths"][args.split] or s["paths"]["train"]
-    rows = load_dataset_rows(spec, cfg.data.image_root)
-    try:
-        params = select_params(s["student"], args.params or None)
-    except ValueError as e:
-        print(f"vgs-analyze: {e}", file=sys.stderr)
-        return 2
+    _, cfg, s, rows, params = setup
     lk = loss_kwargs_of(cfg)
     rc = cfg.rollout
     table = analyze(s["student"], s["teacher"], s["processor"], rows, batches=args.batches,

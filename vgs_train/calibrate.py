@@ -289,6 +289,32 @@ def _split_config(args_config, overrides):
     return args_config, list(overrides)
 
 
+def tool_setup(prog: str, args) -> tuple | None:
+    """The shared start of ``vgs-calibrate`` and ``vgs-analyze``: config (+ overrides), seed, models,
+    prompt rows of ``args.split`` and the parameters selected by ``args.params``.
+
+    Returns (config_path, cfg, setup, rows, params), or None after printing the error (exit code 2).
+    """
+    from .config import load_config
+    from .data import load_dataset_rows
+
+    config, overrides = _split_config(args.config, args.overrides)
+    try:
+        cfg = load_config(config, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return None
+    torch.manual_seed(cfg.run.seed)
+    s = load_setup(cfg, verbose=not args.quiet)
+    rows = load_dataset_rows(s["paths"][args.split] or s["paths"]["train"], cfg.data.image_root)
+    try:
+        params = select_params(s["student"], args.params or None)
+    except ValueError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return None
+    return config, cfg, s, rows, params
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -307,29 +333,16 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="", help="write per-step values and the summary as JSON")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    from .config import load_config
-    from .data import load_dataset_rows
-
-    config, overrides = _split_config(args.config, args.overrides)
-    try:
-        cfg = load_config(config, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"vgs-calibrate: config error: {e}", file=sys.stderr)
-        return 2
     if args.batches < 1:
         print("vgs-calibrate: --batches must be >= 1", file=sys.stderr)
         return 2
-    torch.manual_seed(cfg.run.seed)
-    s = load_setup(cfg, verbose=not args.quiet)
-    rows = load_dataset_rows(s["paths"][args.split], cfg.data.image_root)
+    setup = tool_setup("vgs-calibrate", args)
+    if setup is None:
+        return 2
+    config, cfg, s, rows, params = setup
     lk = loss_kwargs_of(cfg)
     mode = lk.pop("mode")
     alpha = lk.pop("alpha")
-    try:
-        params = select_params(s["student"], args.params or None)
-    except ValueError as e:
-        print(f"vgs-calibrate: {e}", file=sys.stderr)
-        return 2
     rc = cfg.rollout
     if not args.quiet:
         print(f"{'step':>4}{'tokens':>8}{'||g_std||':>12}{'||g_vis||':>12}{'cos(phi)':>10}{'gamma':>9}", flush=True)
