@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 
 MODES = ("standard", "vgs", "adaptive", "language")
+# (rtol, atol as a fraction of the largest expected value) for backend-vs-reference comparisons
+TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def run_logits(backend, logits, mask, **kw):
+    """vgs_loss on clones of ``logits`` (student pair requiring grad), backward; (out, grad_zs, grad_zsp)."""
+    from vgs_kernels import vgs_loss
+
+    zs, zsp, zt, ztp = (z.clone() for z in logits)
+    zs.requires_grad_()
+    zsp.requires_grad_()
+    out = vgs_loss(zs, zsp, zt, ztp, mask, backend=backend, return_per_token=True, **kw)
+    out.loss.backward()
+    return out, zs.grad, zsp.grad
 
 
 def ragged_mask(b: int, t: int, seed: int = 0) -> torch.Tensor:

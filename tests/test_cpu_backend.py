@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MODES, assert_close, ragged_mask, random_logits
+from helpers import MODES, assert_close, ragged_mask, random_logits, run_logits
 
-from vgs_kernels import backends, vgs_loss
+from vgs_kernels import backends
 from vgs_kernels.backends import resolve, torch_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,7 +21,6 @@ needs_ext = pytest.mark.skipif(
     reason=f"cpu backend {CPU_STATUS}; build it with `pip install --no-build-isolation -e .`",
 )
 
-TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -32,15 +31,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _run_logits(backend, logits, mask, **kw):
-    zs, zsp, zt, ztp = (z.clone() for z in logits)
-    zs.requires_grad_()
-    zsp.requires_grad_()
-    out = vgs_loss(zs, zsp, zt, ztp, mask, backend=backend, return_per_token=True, **kw)
-    out.loss.backward()
-    return out, zs.grad, zsp.grad
 
 
 # The reference grid (modes x reductions x temperatures x V x vocab_size x dtypes) runs every
@@ -55,8 +45,8 @@ def test_auto_picks_cpu_and_detach_false_with_fixed_threshold():
     for mode in MODES:
         thr = (0.1, 0.5) if mode == "adaptive" else 0.3
         kw = dict(mode=mode, detach_target_prior=False, threshold=thr, gamma=0.41, alpha=1.5, beta=0.2)
-        ref, ref_gs, ref_gsp = _run_logits("reference", logits, mask, **kw)
-        got, gs, gsp = _run_logits("auto", logits, mask, **kw)
+        ref, ref_gs, ref_gsp = run_logits("reference", logits, mask, **kw)
+        got, gs, gsp = run_logits("auto", logits, mask, **kw)
         assert_close(got.loss.detach(), ref.loss.detach(), 1e-5, 1e-6, "loss")
         assert_close(gs, ref_gs, 1e-5, 1e-6, "grad student_logits")
         assert_close(gsp, ref_gsp, 1e-5, 1e-6, "grad student_text_logits")

@@ -4,26 +4,16 @@ import itertools
 
 import pytest
 import torch
-from helpers import MODES, assert_close, ragged_mask, random_logits
+from helpers import MODES, TOL, assert_close, ragged_mask, random_logits, run_logits
 
 from vgs_kernels import backends, fused_linear_vgs_loss, vgs_loss
 
-TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (2e-2, 2e-2)}
 # Every row backend that runs at full speed on CPU tensors (triton runs in its interpreter:
 # tests/test_triton.py covers it on smaller shapes).
 ROW_BACKENDS = [
     pytest.param(name, marks=pytest.mark.skipif(backends()[name] != "available", reason=f"{name}: {backends()[name]}"))
     for name in ("torch", "cpu")
 ]
-
-
-def _run_logits(backend, logits, mask, **kw):
-    zs, zsp, zt, ztp = (z.clone() for z in logits)
-    zs.requires_grad_()
-    zsp.requires_grad_()
-    out = vgs_loss(zs, zsp, zt, ztp, mask, backend=backend, return_per_token=True, **kw)
-    out.loss.backward()
-    return out, zs.grad, zsp.grad
 
 
 GRID = [  # vocab_size < V needs V > 1
@@ -40,8 +30,8 @@ def test_vgs_loss_matches_reference(mode, reduction, temperature, V, slice_vocab
     mask = ragged_mask(3, 6)
     kw = dict(mode=mode, reduction=reduction, temperature=temperature,
               vocab_size=V - V // 7 - 1 if slice_vocab else None)
-    ref, ref_gs, ref_gsp = _run_logits("reference", logits, mask, **kw)
-    got, gs, gsp = _run_logits(backend, logits, mask, **kw)
+    ref, ref_gs, ref_gsp = run_logits("reference", logits, mask, **kw)
+    got, gs, gsp = run_logits(backend, logits, mask, **kw)
     rtol, atol = TOL[dtype]
     assert_close(got.loss.detach(), ref.loss.detach(), rtol, atol, "loss")
     assert_close(gs, ref_gs, rtol, atol, "grad student_logits")
@@ -117,8 +107,8 @@ def test_detach_target_prior_and_fixed_threshold(mode, detach):
     mask = ragged_mask(2, 8)
     thr = (0.1, 0.5) if mode == "adaptive" else 0.3
     kw = dict(mode=mode, detach_target_prior=detach, threshold=thr, gamma=0.41, alpha=1.5, beta=0.2)
-    ref, ref_gs, ref_gsp = _run_logits("reference", logits, mask, **kw)
-    got, gs, gsp = _run_logits("torch", logits, mask, **kw)
+    ref, ref_gs, ref_gsp = run_logits("reference", logits, mask, **kw)
+    got, gs, gsp = run_logits("torch", logits, mask, **kw)
     assert_close(got.loss.detach(), ref.loss.detach(), 1e-5, 1e-6, "loss")
     assert_close(gs, ref_gs, 1e-5, 1e-6, "grad student_logits")
     assert_close(gsp, ref_gsp, 1e-5, 1e-6, "grad student_text_logits")
@@ -138,7 +128,7 @@ def test_all_false_mask_gives_zero_loss_and_zero_grads():
     for backend in ("reference", "torch"):
         logits = random_logits(2, 4, 11)
         mask = torch.zeros(2, 4, dtype=torch.bool)
-        out, gs, gsp = _run_logits(backend, logits, mask)
+        out, gs, gsp = run_logits(backend, logits, mask)
         assert out.loss.item() == 0.0
         assert torch.count_nonzero(gs) == 0
         assert gsp is None or torch.count_nonzero(gsp) == 0

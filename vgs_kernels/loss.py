@@ -3,7 +3,7 @@ states, each with one ``backend`` switch (SPEC.md section 2)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -257,8 +257,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _with_vocab(opts: VGSOptions, vocab: int) -> VGSOptions:
-    from dataclasses import replace
-
     return replace(opts, vocab_size=vocab)
 
 

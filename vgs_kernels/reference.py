@@ -34,14 +34,10 @@ def reference_vgs(
     """
     tau, vocab = opts.temperature, opts.vocab_size or zs.shape[-1]
 
-    def logp(z):
-        return torch.log_softmax(scaled_logits(z.index_select(0, valid_idx)[:, :vocab], tau), -1)
-
-    x_sp = scaled_logits(zsp.index_select(0, valid_idx)[:, :vocab], tau)
-    ls, lsp, lt, ltp = logp(zs), logp(zsp), logp(zt).detach(), logp(ztp).detach()
-    prior = x_sp.detach() if opts.detach_target_prior else x_sp
-    xt = scaled_logits(zt.index_select(0, valid_idx)[:, :vocab], tau).detach()
-    xtp = scaled_logits(ztp.index_select(0, valid_idx)[:, :vocab], tau).detach()
+    xs, xsp, xt, xtp = (scaled_logits(z.index_select(0, valid_idx)[:, :vocab], tau) for z in (zs, zsp, zt, ztp))
+    xt, xtp = xt.detach(), xtp.detach()  # the teacher gets no gradient
+    ls, lsp, lt, ltp = (torch.log_softmax(x, -1) for x in (xs, xsp, xt, xtp))
+    prior = xsp.detach() if opts.detach_target_prior else xsp
     lr = torch.log_softmax(prior + xt - xtp, -1)
 
     std, vis, lang, vds = _kl(ls, lt), _kl(ls, lr), _kl(lsp, ltp), _kl(lt, ltp)
