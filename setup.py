@@ -10,7 +10,6 @@ import os
 import sys
 
 from setuptools import setup
-from setuptools.command.build_ext import build_ext
 
 MODE = os.environ.get("VGS_BUILD_EXT", "")
 

@@ -106,4 +106,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    trainer = main()
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # every rank ends the process group, so each one exits cleanly

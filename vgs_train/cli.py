@@ -46,7 +46,12 @@ def train_main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"vgs-train: error: {e}", file=sys.stderr)
         return 2
-    trainer.train()
+    try:
+        trainer.train()
+    except SystemExit:  # the signal stop: every rank leaves at the same step, after the checkpoint
+        trainer.close()
+        raise
+    trainer.close()
     if trainer.accelerator.is_main_process:
         print(f"done: {trainer.step} steps; run directory {trainer.run_dir}")
     return 0

@@ -24,6 +24,7 @@ GRPO methods (``grpo``, ``grpo+opd``, ``grpo+vgs``; paper Sec. 8, Eq. 22) sample
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -442,6 +443,16 @@ class Trainer:
             if writer is not None:
                 writer.close()
         return history
+
+    def close(self) -> None:
+        """End the run's process group once every rank got here. Call it on success (or on the signal stop,
+        which all ranks take at the same step) only: a rank that failed would leave the others waiting."""
+        # FSDP2 / DDP state is cyclic; freeing it while the group is alive keeps gloo's threads from aborting
+        # the process at interpreter exit
+        gc.collect()
+        if self.world > 1:
+            self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
 
     def save_final(self) -> str:
         out = os.path.join(self.run_dir, "final")
