@@ -1,11 +1,13 @@
 """The chunked fused-linear path never allocates a tensor with B*T*V or more elements."""
 
+import contextlib
+
 import pytest
 import torch
-from helpers import MODES
+from helpers import MODES, assert_close, random_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vgs_kernels import fused_linear_vgs_loss
+from vgs_kernels import fused_linear_vgs_loss, vgs_loss
 
 
 class LargestAllocation(TorchDispatchMode):
@@ -49,3 +51,105 @@ def test_the_recorder_sees_the_reference_materialise_logits():
     with LargestAllocation() as rec:
         fused_linear_vgs_loss(hs, hsp, ws, ht, htp, wt, backend="reference").loss.backward()
     assert rec.largest >= b * t * v
+
+
+class Allocations(TorchDispatchMode):
+    """Records (op, shape) of every tensor an aten op returns in fresh storage (not a view or an
+    in-place result of one of its inputs), and every op called."""
+
+    def __init__(self):
+        super().__init__()
+        self.fresh: list[tuple[object, tuple[int, ...]]] = []
+        self.ops: list[object] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(func)
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs or {}))
+        storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages:
+                self.fresh.append((func, tuple(t.shape)))
+        return out
+
+    def shapes(self, *shapes):
+        return [(f, s) for f, s in self.fresh if s in shapes]
+
+
+def _frozen_inputs(seed=3, bias=True):
+    # sizes all distinct so a shape identifies what was allocated: N = 2*8 = 16 rows, V = 50,
+    # H_s = 12, H_t = 20
+    g = torch.Generator().manual_seed(seed)
+    hs, hsp = (torch.randn(2, 8, 12, generator=g) for _ in range(2))
+    ht, htp = (torch.randn(2, 8, 20, generator=g) for _ in range(2))
+    ws, wt = torch.randn(50, 12, generator=g) * 0.5, torch.randn(50, 20, generator=g) * 0.5
+    bs, bt = (torch.randn(50, generator=g) * 0.5 for _ in range(2)) if bias else (None, None)
+    return hs, hsp, ws, bs, ht, htp, wt, bt
+
+
+def _fused(backend, tensors, trainable, record=False, **kw):
+    """fused_linear_vgs_loss on clones with requires_grad set for the indices in ``trainable``
+    (0..3 = hs, hsp, ws, bs); backward; (grads of hs, hsp, ws, bs, the recorder or None)."""
+    hs, hsp, ws, bs, ht, htp, wt, bt = (None if t is None else t.clone() for t in tensors)
+    student = [hs, hsp, ws, bs]
+    for i in trainable:
+        student[i].requires_grad_()
+    rec = Allocations() if record else None
+    with rec if rec is not None else contextlib.nullcontext():
+        out = fused_linear_vgs_loss(hs, hsp, ws, ht, htp, wt, student_bias=bs, teacher_bias=bt,
+                                    backend=backend, chunk_size=4, **kw)
+        out.loss.backward()
+    return [None if t is None else t.grad for t in student], rec
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_student_weight_gets_no_gradient_work(mode):
+    tensors = _frozen_inputs()
+    kw = dict(mode=mode, detach_target_prior=False)
+    ref, _ = _fused("reference", tensors, (0, 1), **kw)
+    got, rec = _fused("torch", tensors, (0, 1), record=True, **kw)
+    assert got[2] is None and got[3] is None
+    assert_close(got[0], ref[0], 1e-5, 1e-6, "grad student_hidden")
+    assert_close(got[1], ref[1], 1e-5, 1e-6, "grad student_text_hidden")
+    # no [V, H_s] gradient buffer, no weight-gradient GEMM, no [V] bias-gradient buffer
+    assert rec.shapes((50, 12), (50,)) == []
+    assert torch.ops.aten.addmm_.default not in rec.ops
+    assert rec.shapes((16, 12), (2, 8, 12))  # the hidden gradients are still formed
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_student_hidden_gets_no_gradient_work(mode):
+    tensors = _frozen_inputs()
+    kw = dict(mode=mode, detach_target_prior=False)
+    ref, _ = _fused("reference", tensors, (2, 3), **kw)
+    got, rec = _fused("torch", tensors, (2, 3), record=True, **kw)
+    assert got[0] is None and got[1] is None
+    assert_close(got[2], ref[2], 1e-5, 1e-6, "grad student_weight")
+    assert_close(got[3], ref[3], 1e-5, 1e-6, "grad student_bias")
+    assert rec.shapes((16, 12), (2, 8, 12)) == []  # no [N, H_s] hidden-gradient buffer
+    assert rec.shapes((4, 12))  # ... while the weight gradient reads [chunk, H_s] hidden rows
+    assert rec.shapes((50, 12))
+
+
+def test_frozen_bias_and_one_frozen_hidden_stream():
+    tensors = _frozen_inputs()
+    ref, _ = _fused("reference", tensors, (1, 2))
+    got, rec = _fused("torch", tensors, (1, 2), record=True)
+    assert got[0] is None and got[3] is None
+    assert_close(got[1], ref[1], 1e-5, 1e-6, "grad student_text_hidden")
+    assert_close(got[2], ref[2], 1e-5, 1e-6, "grad student_weight")
+    assert rec.shapes((50,)) == []  # no bias-gradient buffer
+    assert len(rec.shapes((16, 12))) == 1  # one hidden-gradient buffer, for the text stream
+
+
+def test_frozen_student_logits_stream_gets_no_gradient_buffer():
+    zs, zsp, zt, ztp = random_logits(2, 8, 50, seed=4)
+    ref_zsp = zsp.clone().requires_grad_()
+    vgs_loss(zs, ref_zsp, zt, ztp, detach_target_prior=False, backend="reference").loss.backward()
+    zsp = zsp.clone().requires_grad_()
+    with Allocations() as rec:  # the forward forms the gradients
+        out = vgs_loss(zs, zsp, zt, ztp, detach_target_prior=False, backend="torch")
+    out.loss.backward()
+    assert zs.grad is None
+    assert_close(zsp.grad, ref_zsp.grad, 1e-5, 1e-6, "grad student_text_logits")
+    assert len(rec.shapes((16, 50), (2, 8, 50))) == 1  # the text stream's gradient buffer only

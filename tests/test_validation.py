@@ -31,6 +31,18 @@ def logits():
         (dict(threshold=(0.1, 0.2)), "threshold must be a single float"),
         (dict(mode="adaptive", threshold=0.3), "mode='adaptive' needs two thresholds"),
         (dict(alpha=float("nan")), "alpha"),
+        # flags must be real bools: a string such as "no" is truthy
+        (dict(detach_target_prior="no"), "detach_target_prior must be a bool"),
+        (dict(return_per_token="no"), "return_per_token must be a bool"),
+        (dict(detach_target_prior=1), "detach_target_prior must be a bool"),
+        # numbers must not be bools (True would silently mean 1)
+        (dict(temperature=True), "temperature must be a finite number"),
+        (dict(alpha=True), "alpha must be a finite number"),
+        (dict(beta=False), "beta must be a finite number"),
+        (dict(gamma=True), "gamma must be a finite number"),
+        # NEG_LOGIT / tau would overflow fp32 below ~3e-9; the floor is 1e-6
+        (dict(temperature=1e-9), "temperature must be >= 1e-06"),
+        (dict(temperature=5e-7), "temperature must be >= 1e-06"),
     ],
 )
 def test_bad_keywords(logits, kwargs, match):
@@ -46,7 +58,7 @@ def test_shape_mismatches_name_the_argument(logits):
         vgs_loss(zs, zsp, zt, ztp[..., :5])
     with pytest.raises(ValueError, match="teacher_logits must have the leading"):
         vgs_loss(zs, zsp, zt[:1], ztp[:1])
-    with pytest.raises(ValueError, match="disagree on the vocabulary"):
+    with pytest.raises(ValueError, match="student_logits and teacher_logits disagree on the vocabulary"):
         vgs_loss(zs, zsp, zt[..., :8], ztp[..., :8])
     with pytest.raises(ValueError, match="student_logits must be 2-D or 3-D"):
         vgs_loss(zs[0, 0], zsp, zt, ztp)
@@ -118,3 +130,70 @@ def test_vgsloss_module_checks_keywords_at_construction():
     direct = fused_linear_vgs_loss(h, h, w, ht, ht, wt, gamma=0.41, backend="reference")
     assert out.loss.item() == pytest.approx(direct.loss.item(), rel=1e-5)
     assert "gamma=0.41" in repr(loss_fn)
+
+
+def test_smallest_temperature_keeps_masked_logits_finite(logits):
+    # -inf logits (masked vocabulary) at the smallest accepted temperature: no overflow to NaN
+    for z in logits:
+        z[..., 7] = float("-inf")
+    for backend in ("reference", "torch"):
+        out = vgs_loss(*logits, temperature=1e-6, backend=backend)
+        assert torch.isfinite(out.loss), backend
+
+
+@pytest.mark.parametrize("stream", [0, 1, 2, 3])
+def test_empty_vocabulary_logits_name_the_argument(logits, stream):
+    names = ["student_logits", "student_text_logits", "teacher_logits", "teacher_text_logits"]
+    logits = [z[..., :0] if i == stream or (i ^ 1) == stream else z for i, z in enumerate(logits)]
+    for backend in ("reference", "torch"):
+        with pytest.raises(ValueError, match=rf"^{names[stream & 2]} has an empty vocabulary \(V=0\)"):
+            vgs_loss(*logits, backend=backend)
+    with pytest.raises(ValueError, match="has an empty vocabulary"):
+        vgs_loss(*(z[0] for z in logits))  # [N, V] inputs too
+
+
+def test_empty_vocabulary_weights_name_the_argument():
+    h, ht = torch.randn(2, 3, 8), torch.randn(2, 3, 12)
+    w, wt = torch.randn(20, 8), torch.randn(20, 12)
+    for backend in ("reference", "torch"):
+        with pytest.raises(ValueError, match=r"^student_weight has an empty vocabulary \(V=0"):
+            fused_linear_vgs_loss(h, h, w[:0], ht, ht, wt, backend=backend)
+        with pytest.raises(ValueError, match=r"^teacher_weight has an empty vocabulary \(V=0"):
+            fused_linear_vgs_loss(h, h, w, ht, ht, wt[:0], backend=backend)
+        with pytest.raises(ValueError, match=r"^student_hidden has an empty hidden size \(H=0\)"):
+            fused_linear_vgs_loss(h[..., :0], h[..., :0], w[:, :0], ht, ht, wt, backend=backend)
+
+
+def test_fused_vocabulary_mismatch_names_the_weights():
+    h, ht = torch.randn(2, 3, 8), torch.randn(2, 3, 12)
+    with pytest.raises(ValueError, match="student_weight and teacher_weight disagree on the vocabulary"):
+        fused_linear_vgs_loss(h, h, torch.randn(20, 8), ht, ht, torch.randn(23, 12))
+    with pytest.raises(ValueError, match=r"vocab_size=21 exceeds the vocabulary of student_weight \(20 ids\)"):
+        fused_linear_vgs_loss(h, h, torch.randn(20, 8), ht, ht, torch.randn(23, 12), vocab_size=21)
+
+
+@pytest.mark.parametrize("which", ["student_bias", "teacher_bias"])
+def test_bias_on_another_device_names_the_bias(which):
+    h, ht = torch.randn(2, 3, 8), torch.randn(2, 3, 12)
+    w, wt = torch.randn(20, 8), torch.randn(20, 12)
+    bias = {which: torch.empty(20, device="meta")}
+    for backend in ("reference", "torch"):
+        with pytest.raises(ValueError, match=rf"^{which} must be on cpu like {which[:7]}_weight, got meta"):
+            fused_linear_vgs_loss(h, h, w, ht, ht, wt, backend=backend, **bias)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(chunk_size=0), "chunk_size must be a positive int"),
+        (dict(chunk_size=2.5), "chunk_size must be a positive int"),
+        (dict(chunk_size=True), "chunk_size must be a positive int"),
+        (dict(backend="x"), "backend must be one of"),
+        (dict(foo=1), r"unknown keyword\(s\) \['foo'\]"),
+        (dict(foo=1, student_bias=None), r"unknown keyword\(s\) \['foo', 'student_bias'\]"),
+        (dict(temperature=True), "temperature must be a finite number"),
+    ],
+)
+def test_vgsloss_module_rejects_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        VGSLoss(**kwargs)

@@ -34,12 +34,14 @@ class RowSource(Protocol):
     """Where the driver reads logit rows from and sends their gradients to."""
 
     vocab: int
+    wants: frozenset[str]  # student streams ('s', 'sp') whose logit gradients are used
 
     def logits(self, idx: torch.Tensor, streams: tuple[str, ...]) -> list[torch.Tensor]:
         """[n, vocab] logits of the requested streams ('s', 'sp', 't', 'tp') for rows ``idx``."""
 
     def backward(self, idx: torch.Tensor, stream: str, grad: torch.Tensor) -> None:
-        """Accumulate dL/dlogits ([n, vocab], fp32) of student stream 's' or 'sp' for rows idx."""
+        """Accumulate dL/dlogits ([n, vocab]; fp32, fp64 for fp64 inputs) of student stream 's' or
+        'sp' (one of ``wants``) for rows idx."""
 
 
 @dataclass
@@ -83,7 +85,11 @@ def run_vgs(
     need_grad: bool,
     compute_dtype: torch.dtype = torch.float32,
 ) -> DriverResult:
-    """Run both passes over the rows ``valid_idx`` ([n_valid] long) with reduction ``weights``."""
+    """Run both passes over the rows ``valid_idx`` ([n_valid] long) with reduction ``weights``.
+
+    With ``need_grad``, the logit gradients of the student streams in ``source.wants`` are computed
+    (in ``compute_dtype``) and sent to ``source.backward``; the other stream's are never formed.
+    """
     n = valid_idx.numel()
     device = valid_idx.device
     w = weights * opts.gamma
@@ -94,13 +100,15 @@ def run_vgs(
     c_lang = alpha * w if mode == "language" else zeros
     coef1 = torch.stack([c_std, c_vis, c_lang], dim=1)
     grad_sp_in_pass1 = mode == "language" or (mode == "vgs" and not opts.detach_target_prior)
+    want_s = need_grad and "s" in source.wants
+    want_sp = need_grad and "sp" in source.wants
 
     stats = torch.empty(n, 4, device=device)
     for a, b in _chunks(n, chunk_size):
         idx = valid_idx[a:b]
         zs, zsp, zt, ztp = source.logits(idx, STREAMS)
-        g_s = torch.empty(zs.shape, device=device, dtype=compute_dtype) if need_grad else None
-        g_sp = torch.empty_like(g_s) if need_grad and grad_sp_in_pass1 else None
+        g_s = torch.empty(zs.shape, device=device, dtype=compute_dtype) if want_s else None
+        g_sp = torch.empty(zsp.shape, device=device, dtype=compute_dtype) if want_sp and grad_sp_in_pass1 else None
         stats[a:b] = rows_fn(
             zs, zsp, zt, ztp, coef1[a:b], temperature=opts.temperature,
             detach_target_prior=opts.detach_target_prior, grad_zs=g_s, grad_zsp=g_sp,
@@ -139,6 +147,9 @@ def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size, compute_dty
     idx_all = valid_idx[rows]
     coef2 = coef2[rows]
     lang_only = opts.mode == "vgs"  # only beta*gate*lang: d/dzsp of KL(p'||q') alone
+    want_s, want_sp = "s" in source.wants, "sp" in source.wants
+    if lang_only and not want_sp:
+        return
     device = valid_idx.device
     for a, b in _chunks(rows.numel(), chunk_size):
         idx = idx_all[a:b]
@@ -151,13 +162,16 @@ def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size, compute_dty
                     detach_target_prior=True, grad_zs=g, grad_zsp=None)
             source.backward(idx, "sp", g)
             continue
+        needs_sp = want_sp and (bool((coef2[a:b, 2] != 0).any()) or not opts.detach_target_prior)
+        if not (want_s or needs_sp):
+            continue
         zs, zsp, zt, ztp = source.logits(idx, STREAMS)
-        g_s = torch.empty(zs.shape, device=device, dtype=compute_dtype)
-        needs_sp = bool((coef2[a:b, 2] != 0).any()) or not opts.detach_target_prior
-        g_sp = torch.empty_like(g_s) if needs_sp else None
+        g_s = torch.empty(zs.shape, device=device, dtype=compute_dtype) if want_s else None
+        g_sp = torch.empty(zsp.shape, device=device, dtype=compute_dtype) if needs_sp else None
         rows_fn(zs, zsp, zt, ztp, coef2[a:b], temperature=opts.temperature,
                 detach_target_prior=opts.detach_target_prior, grad_zs=g_s, grad_zsp=g_sp)
-        source.backward(idx, "s", g_s)
+        if g_s is not None:
+            source.backward(idx, "s", g_s)
         if g_sp is not None:
             source.backward(idx, "sp", g_sp)
 
@@ -165,11 +179,13 @@ def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size, compute_dty
 class LogitsSource:
     """Rows of four materialised [N, V] logit tensors; gradients go to [N, V] buffers.
 
-    Gradient buffers are in the logits' dtype, allocated on the first gradient of each stream.
+    Gradient buffers are in the logits' dtype, allocated on the first gradient of each stream;
+    ``needs`` (s, sp) says which student streams want one (a frozen stream gets none).
     """
 
-    def __init__(self, zs, zsp, zt, ztp, vocab: int):
+    def __init__(self, zs, zsp, zt, ztp, vocab: int, needs: tuple[bool, bool] = (True, True)):
         self.vocab = vocab
+        self.wants = frozenset(k for k, need in zip(("s", "sp"), needs) if need)
         self.full = {"s": zs, "sp": zsp, "t": zt, "tp": ztp}
         self.views = {k: v[:, :vocab] for k, v in self.full.items()}
         self.grads: dict[str, torch.Tensor] = {}
@@ -204,10 +220,17 @@ class LinearSource:
 
     Gradients of the student hidden states are accumulated in fp32 [N, H] buffers, of the student
     weight and bias in fp32 [V, H] / [V] buffers; only rows ``[:vocab]`` of the weight are read.
+    ``needs`` = (hs, hsp, ws, bs) says which of them want a gradient: nothing is allocated or
+    computed for the others (a frozen lm_head costs no [V, H] buffer and no weight-gradient GEMM).
     """
 
-    def __init__(self, hs, hsp, ws, bs, ht, htp, wt, bt, vocab: int, need_grad: bool):
+    def __init__(self, hs, hsp, ws, bs, ht, htp, wt, bt, vocab: int, needs: tuple[bool, bool, bool, bool]):
         self.vocab = vocab
+        need_hs, need_hsp, need_w, need_b = needs
+        need_b = need_b and bs is not None
+        self.need_hidden = {"s": need_hs, "sp": need_hsp}
+        # the logit gradients of both streams feed the weight and bias gradients
+        self.wants = frozenset(k for k, h in self.need_hidden.items() if h or need_w or need_b)
         self.hidden = {"s": hs, "sp": hsp, "t": ht, "tp": htp}
         ws_v, wt_v = ws[:vocab], wt[:vocab]
         bs_v = bs[:vocab] if bs is not None else None
@@ -216,10 +239,8 @@ class LinearSource:
         self.bias = {"s": bs_v, "sp": bs_v, "t": bt_v, "tp": bt_v}
         self.student_weight, self.student_bias = ws, bs
         self.grad_hidden: dict[str, torch.Tensor] = {}
-        self.grad_weight = torch.zeros(ws.shape, device=ws.device) if need_grad else None
-        self.grad_bias = (
-            torch.zeros(bs.shape, device=bs.device) if need_grad and bs is not None else None
-        )
+        self.grad_weight = torch.zeros(ws.shape, device=ws.device) if need_w else None
+        self.grad_bias = torch.zeros(bs.shape, device=bs.device) if need_b else None
 
     def logits(self, idx, streams):
         return [
@@ -230,22 +251,53 @@ class LinearSource:
     def backward(self, idx, stream, grad):
         h = self.hidden[stream]
         w = self.weight[stream]
-        if stream not in self.grad_hidden:
-            self.grad_hidden[stream] = torch.zeros(h.shape, device=h.device)
-        self.grad_hidden[stream].index_add_(0, idx, (grad.to(w.dtype) @ w).float())
-        rows = h.index_select(0, idx)
-        if rows.dtype == torch.float32:
-            self.grad_weight[: self.vocab].addmm_(grad.t(), rows)
-        else:
-            self.grad_weight[: self.vocab] += mm_fp32(grad.t(), rows)
+        if self.need_hidden[stream]:
+            if stream not in self.grad_hidden:
+                self.grad_hidden[stream] = torch.zeros(h.shape, device=h.device)
+            self.grad_hidden[stream].index_add_(0, idx, (grad.to(w.dtype) @ w).float())
+        if self.grad_weight is not None:
+            rows = h.index_select(0, idx)
+            if rows.dtype == torch.float32:
+                self.grad_weight[: self.vocab].addmm_(grad.t(), rows)
+            else:
+                self.grad_weight[: self.vocab] += mm_fp32(grad.t(), rows)
         if self.grad_bias is not None:
             self.grad_bias[: self.vocab] += grad.sum(0).float()
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result, accumulating in fp32 without rounding to bf16/fp16 first."""
+    """a @ b as an fp32 tensor, for a (the logit gradient, fp32 or fp64) and b (hidden rows).
+
+    On CUDA with a bf16/fp16 ``b``, ``a`` is first rounded to ``b``'s dtype (so the GEMM runs
+    on the tensor cores) and the product is accumulated and returned in fp32, never rounded to
+    bf16/fp16 (``torch.mm(..., out_dtype=torch.float32)``; on a torch without that overload the
+    same rounded operands are upcast and multiplied in fp32). Elsewhere both operands are upcast
+    to fp32 unrounded and multiplied in fp32.
+    """
     if a.is_cuda and b.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
+        return _mm_low_precision_fp32_out(a.to(b.dtype), b)
+    return a.float() @ b.float()
+
+
+# Whether torch.mm(..., out_dtype=) works here (added around torch 2.8): None until the first call.
+_mm_out_dtype_ok: bool | None = None
+
+
+def _mm_low_precision_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of two bf16/fp16 tensors with an fp32 result: ``torch.mm(out_dtype=fp32)`` when this
+    torch has it, else ``a.float() @ b.float()`` (decided on the first call, then cached)."""
+    global _mm_out_dtype_ok
+    if _mm_out_dtype_ok is not False:
+        try:
+            out = torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError) as exc:
+            # once the overload has worked, or when out of memory, a failure is a real error
+            if _mm_out_dtype_ok or isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            _mm_out_dtype_ok = False
+        else:
+            _mm_out_dtype_ok = True
+            return out
     return a.float() @ b.float()
 
 

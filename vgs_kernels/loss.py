@@ -20,7 +20,9 @@ STAT_NAMES = ("std", "vis", "lang", "vds")
 class VGSOutput:
     """What the VGS loss functions return.
 
-    loss: scalar tensor (fp32), differentiable w.r.t. the student inputs.
+    loss: scalar tensor, fp32 (fp64 for fp64 inputs with ``backend="reference"``; the row
+        backends compute each row's KLs in fp64 for fp64 inputs, then sum them in fp32),
+        differentiable w.r.t. the student inputs.
     metrics: detached floats: std, vis, lang, vds (means over valid tokens), gate_fraction,
         threshold (the gate's theta; NaN when it came from a quantile over no tokens).
     per_token: with ``return_per_token=True``, detached fp32 tensors shaped like the mask
@@ -61,7 +63,12 @@ def vgs_loss(
             the image; they receive gradients (returned in their dtype).
         teacher_logits, teacher_text_logits: [B, T, V'] or [N, V'], no gradient.
         mask: [B, T] (or [N]) bool, True = response token that counts; None = all count.
+        temperature: softmax temperature tau, a finite number >= 1e-6 (smaller values would
+            overflow the finite fp32 stand-in for -inf logits once divided by tau).
         The remaining keywords are described in README.md and SPEC.md section 2.
+
+    Only inputs with ``requires_grad`` get a gradient computed (a frozen stream costs no
+    gradient buffer).
     """
     opts = VGSOptions(
         mode=mode, alpha=alpha, beta=beta, gamma=gamma, quantile=quantile,
@@ -71,7 +78,10 @@ def vgs_loss(
     )
     logits = (student_logits, student_text_logits, teacher_logits, teacher_text_logits)
     lead = V.check_pairs(V.LOGIT_NAMES, logits, (2, 3))
-    vocab = V.check_vocab(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1], "logits")
+    V.check_nonempty(V.LOGIT_NAMES, logits, "vocabulary (V=0)")
+    vocab = V.check_vocab(
+        vocab_size, (V.LOGIT_NAMES[0], student_logits.shape[-1]), (V.LOGIT_NAMES[2], teacher_logits.shape[-1])
+    )
     mask2d = V.check_mask(mask, lead, student_logits.device)
     be = resolve(backend, student_logits.device)
     flat = [z.reshape(-1, z.shape[-1]) for z in logits]
@@ -82,13 +92,12 @@ def vgs_loss(
     if be is None:
         result = reference_vgs(*flat, valid_idx, weights, opts)
     else:
-        need_grad = torch.is_grad_enabled() and (
-            student_logits.requires_grad or student_text_logits.requires_grad
-        )
+        grad_on = torch.is_grad_enabled()
+        needs = (grad_on and student_logits.requires_grad, grad_on and student_text_logits.requires_grad)
         holder: dict = {}
         loss = _LogitsFunction.apply(
             student_logits, student_text_logits, teacher_logits, teacher_text_logits,
-            valid_idx, weights, opts, be, need_grad, holder,
+            valid_idx, weights, opts, be, needs, holder,
         )
         result = holder["result"]
         result.loss = loss
@@ -128,11 +137,15 @@ def fused_linear_vgs_loss(
     Args:
         student_hidden, student_text_hidden: [B, T, H_s] or [N, H_s]; receive gradients.
         student_weight: [V, H_s] lm_head weight (receives a gradient, accumulated in fp32);
-            student_bias: optional [V].
+            student_bias: optional [V], on the weight's device.
         teacher_hidden, teacher_text_hidden: [B, T, H_t] or [N, H_t]; teacher_weight [V', H_t],
             teacher_bias optional [V']; no gradient.
         chunk_size: token rows per chunk (default: chosen from B*T, H, V and free memory).
         Other keywords as in :func:`vgs_loss`.
+
+    Only what requires a gradient gets one computed: a frozen ``student_weight`` (or bias) costs
+    no [V, H] gradient buffer and no weight-gradient GEMM, frozen hidden states no [N, H] buffer
+    and no hidden-gradient GEMM.
 
     When a hidden state's dtype differs from its weight's (mixed precision), the GEMMs run in
     the hidden state's dtype; gradients are returned in each input's own dtype.
@@ -145,15 +158,15 @@ def fused_linear_vgs_loss(
     )
     hidden = (student_hidden, student_text_hidden, teacher_hidden, teacher_text_hidden)
     lead = V.check_pairs(V.HIDDEN_NAMES, hidden, (2, 3))
+    V.check_nonempty(V.HIDDEN_NAMES, hidden, "hidden size (H=0)")
     V.check_same_dtype(V.HIDDEN_NAMES[:2], hidden[:2])
     V.check_same_dtype(V.HIDDEN_NAMES[2:], hidden[2:])
     ws = V.check_weight("student_weight", student_weight, "student_hidden", student_hidden)
     wt = V.check_weight("teacher_weight", teacher_weight, "teacher_hidden", teacher_hidden)
-    bs = V.check_bias("student_bias", student_bias, ws)
-    bt = V.check_bias("teacher_bias", teacher_bias, wt)
-    vocab = V.check_vocab(vocab_size, ws.shape[0], wt.shape[0], "lm_head weights")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    bs = V.check_bias("student_bias", student_bias, "student_weight", ws)
+    bt = V.check_bias("teacher_bias", teacher_bias, "teacher_weight", wt)
+    vocab = V.check_vocab(vocab_size, ("student_weight", ws.shape[0]), ("teacher_weight", wt.shape[0]))
+    V.check_chunk_size(chunk_size)
     mask2d = V.check_mask(mask, lead, student_hidden.device)
     be = resolve(backend, student_hidden.device)
     flat = [h.reshape(-1, h.shape[-1]) for h in hidden]
@@ -168,14 +181,16 @@ def fused_linear_vgs_loss(
         ]
         result = reference_vgs(logits[0], logits[1], logits[2].detach(), logits[3].detach(), valid_idx, weights, opts)
     else:
-        need_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (student_hidden, student_text_hidden, ws, bs)
+        grad_on = torch.is_grad_enabled()
+        # (hidden, text hidden, weight, bias): each gets a gradient only when it requires one
+        needs = tuple(
+            grad_on and t is not None and t.requires_grad for t in (student_hidden, student_text_hidden, ws, bs)
         )
         chunk = chunk_size or default_chunk_size(valid_idx.numel(), vocab, student_hidden.device, be.chunk_temps)
         holder: dict = {}
         loss = _LinearFunction.apply(
             student_hidden, student_text_hidden, ws, bs, teacher_hidden, teacher_text_hidden, wt, bt,
-            valid_idx, weights, opts, be.rows_fn, need_grad, chunk, holder,
+            valid_idx, weights, opts, be.rows_fn, needs, chunk, holder,
         )
         result = holder["result"]
         result.loss = loss
@@ -192,16 +207,18 @@ class _LogitsFunction(torch.autograd.Function):
     """Loss and logit gradients in one forward (the gradients are analytic, no graph over V)."""
 
     @staticmethod
-    def forward(ctx, zs, zsp, zt, ztp, valid_idx, weights, opts, backend, need_grad, holder):
+    def forward(ctx, zs, zsp, zt, ztp, valid_idx, weights, opts, backend, needs, holder):
         flat = [z.reshape(-1, z.shape[-1]) for z in (zs, zsp, zt, ztp)]
-        source = LogitsSource(*flat, vocab=opts.vocab_size)
+        source = LogitsSource(*flat, vocab=opts.vocab_size, needs=needs)
         chunk = default_chunk_size(valid_idx.numel(), opts.vocab_size, zs.device, backend.chunk_temps)
         holder["result"] = result = run_vgs(
-            source, valid_idx, weights, opts, backend.rows_fn, chunk, need_grad, _compute_dtype(zs)
+            source, valid_idx, weights, opts, backend.rows_fn, chunk, any(needs), _compute_dtype(zs)
         )
-        grads = [source.grads.get(k) for k in ("s", "sp")]
-        if need_grad:  # a stream with no gradient (e.g. all-False mask) gets zeros, like autograd
-            grads = [torch.zeros_like(z) if g is None else g.view(z.shape) for g, z in zip(grads, (zs, zsp))]
+        # a stream that needs a gradient but got none (e.g. all-False mask) gets zeros, like autograd
+        grads = [
+            (torch.zeros_like(z) if k not in source.grads else source.grads[k].view(z.shape)) if need else None
+            for k, z, need in zip(("s", "sp"), (zs, zsp), needs)
+        ]
         ctx.has = [g is not None for g in grads]
         ctx.save_for_backward(*[g for g in grads if g is not None])
         return result.loss
@@ -217,7 +234,7 @@ class _LinearFunction(torch.autograd.Function):
     """Loss and hidden/weight/bias gradients in one forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hs, hsp, ws, bs, ht, htp, wt, bt, valid_idx, weights, opts, rows_fn, need_grad, chunk, holder):
+    def forward(ctx, hs, hsp, ws, bs, ht, htp, wt, bt, valid_idx, weights, opts, rows_fn, needs, chunk, holder):
         flat = [h.reshape(-1, h.shape[-1]) for h in (hs, hsp, ht, htp)]
         # The GEMMs run in the hidden states' dtype (weights cast once if they differ).
         ws_c = ws.to(hs.dtype)
@@ -225,22 +242,20 @@ class _LinearFunction(torch.autograd.Function):
         bs_c = None if bs is None else bs.to(hs.dtype)
         bt_c = None if bt is None else bt.to(ht.dtype)
         source = LinearSource(
-            flat[0], flat[1], ws_c, bs_c, flat[2], flat[3], wt_c, bt_c, opts.vocab_size, need_grad
+            flat[0], flat[1], ws_c, bs_c, flat[2], flat[3], wt_c, bt_c, opts.vocab_size, needs
         )
         with torch.autocast(device_type=hs.device.type, enabled=False):
             holder["result"] = result = run_vgs(
-                source, valid_idx, weights, opts, rows_fn, chunk, need_grad, _compute_dtype(hs)
+                source, valid_idx, weights, opts, rows_fn, chunk, any(needs), _compute_dtype(hs)
             )
-        if need_grad:
-            gh = source.grad_hidden
-            grads = [
-                gh["s"].to(hs.dtype).view(hs.shape) if "s" in gh else torch.zeros_like(hs),
-                gh["sp"].to(hsp.dtype).view(hsp.shape) if "sp" in gh else torch.zeros_like(hsp),
-                source.grad_weight.to(ws.dtype),
-                None if bs is None else source.grad_bias.to(bs.dtype),
-            ]
-        else:
-            grads = [None] * 4
+        gh = source.grad_hidden
+        # a hidden stream that needs a gradient but got none (e.g. all-False mask) gets zeros
+        grads = [
+            (gh[k].to(h.dtype).view(h.shape) if k in gh else torch.zeros_like(h)) if need else None
+            for k, h, need in zip(("s", "sp"), (hs, hsp), needs[:2])
+        ]
+        grads.append(source.grad_weight.to(ws.dtype) if needs[2] else None)
+        grads.append(source.grad_bias.to(bs.dtype) if needs[3] else None)
         ctx.has = [g is not None for g in grads]
         ctx.save_for_backward(*[g for g in grads if g is not None])
         return result.loss

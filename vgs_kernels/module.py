@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import torch
 from torch import nn
 
+from . import validation as V
+from .backends import NAMES as BACKEND_NAMES
 from .loss import VGSOutput, fused_linear_vgs_loss
 from .options import VGSOptions
+
+_OPTION_NAMES = tuple(f.name for f in fields(VGSOptions))
 
 
 class VGSLoss(nn.Module):
@@ -18,7 +24,17 @@ class VGSLoss(nn.Module):
 
     def __init__(self, *, chunk_size: int | None = None, backend: str = "auto", **keywords):
         super().__init__()
-        VGSOptions(**keywords)  # fail at construction, not at the first step
+        # fail at construction, not at the first step
+        unknown = sorted(set(keywords) - set(_OPTION_NAMES))
+        if unknown:
+            raise ValueError(
+                f"VGSLoss got unknown keyword(s) {unknown}; expected chunk_size, backend or one of "
+                f"{_OPTION_NAMES}"
+            )
+        V.check_chunk_size(chunk_size)
+        if backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
+        VGSOptions(**keywords)
         self.keywords = dict(keywords, chunk_size=chunk_size, backend=backend)
 
     def forward(

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 MODES = ("standard", "vgs", "adaptive", "language")
 REDUCTIONS = ("sequence", "token")
 VDS_SCOPES = ("global", "local")
+# Smallest accepted temperature: logits are divided by tau, and the finite stand-in for -inf logits
+# (torch_rows.NEG_LOGIT = -1e30) must stay finite in fp32 (|x| < 3.4e38) after the division, with
+# room for the visual-target logits x_sp + x_t - x_tp (up to ~3x larger).
+MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,10 @@ class VGSOptions:
 
     ``threshold`` is ``None`` (use quantiles of the batch's VDS), a float (the gate threshold
     theta), or, in ``mode="adaptive"`` only, a pair ``(theta_low, theta_high)`` for the ramp.
+    ``alpha``, ``beta``, ``gamma`` are finite numbers and ``temperature`` a finite number
+    ``>= MIN_TEMPERATURE`` (1e-6; smaller values would overflow the finite stand-in for -inf
+    logits); none of them may be a bool. ``detach_target_prior`` and ``return_per_token`` must be
+    real bools (a string such as ``"no"`` is rejected, not read as true).
     """
 
     mode: str = "vgs"
@@ -41,12 +49,19 @@ class VGSOptions:
             raise ValueError(f"vds_scope must be one of {VDS_SCOPES}, got {self.vds_scope!r}")
         for name in ("alpha", "beta", "gamma"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if not isinstance(self.temperature, (int, float)) or not (
-            math.isfinite(self.temperature) and self.temperature > 0
-        ):
-            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
+            if not _finite(value):
+                raise ValueError(f"{name} must be a finite number (not a bool), got {value!r}")
+        if not _finite(self.temperature) or not self.temperature > 0:
+            raise ValueError(f"temperature must be a finite number > 0 (not a bool), got {self.temperature!r}")
+        if self.temperature < MIN_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be >= {MIN_TEMPERATURE:g} (smaller values overflow the finite "
+                f"stand-in for -inf logits in fp32), got {self.temperature!r}"
+            )
+        for name in ("detach_target_prior", "return_per_token"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
         if not _in_open_unit(self.quantile):
             raise ValueError(f"quantile must lie in (0, 1), got {self.quantile!r}")
         aq = self.adaptive_quantiles

@@ -44,21 +44,38 @@ def check_pairs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dims:
     return tuple(s.shape[:-1])
 
 
-def check_vocab(vocab_size: int | None, v_student: int, v_teacher: int, what: str) -> int:
-    """The number of vocabulary ids the loss uses."""
+def check_nonempty(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], what: str) -> None:
+    """The last dim of each tensor (the vocabulary of logits, the hidden size of hidden states)
+    must not be empty; ``what`` names it, e.g. ``"vocabulary (V=0)"``."""
+    for n, t in zip(names, tensors):
+        if t.shape[-1] == 0:
+            raise ValueError(f"{n} has an empty {what}, got shape {tuple(t.shape)}")
+
+
+def check_vocab(vocab_size: int | None, student: tuple[str, int], teacher: tuple[str, int]) -> int:
+    """The number of vocabulary ids the loss uses; ``student`` / ``teacher`` are (argument name,
+    vocabulary size), e.g. ``("student_logits", 151936)`` or ``("student_weight", 151936)``."""
+    (s_name, v_student), (t_name, v_teacher) = student, teacher
     if vocab_size is None:
         if v_student != v_teacher:
             raise ValueError(
-                f"student and teacher {what} disagree on the vocabulary ({v_student} vs "
-                f"{v_teacher}); pass vocab_size=N to compare ids [0, N) only"
+                f"{s_name} and {t_name} disagree on the vocabulary ({s_name} has {v_student} ids, "
+                f"{t_name} {v_teacher}); pass vocab_size=N to compare ids [0, N) only"
             )
         return v_student
     if vocab_size > min(v_student, v_teacher):
         raise ValueError(
-            f"vocab_size={vocab_size} exceeds the vocabulary of the {what} "
-            f"(student {v_student}, teacher {v_teacher})"
+            f"vocab_size={vocab_size} exceeds the vocabulary of {s_name} ({v_student} ids) or "
+            f"{t_name} ({v_teacher} ids)"
         )
     return vocab_size
+
+
+def check_chunk_size(chunk_size: object) -> None:
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def check_mask(mask: object, lead: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -85,17 +102,21 @@ def check_weight(name: str, weight: object, hidden_name: str, hidden: torch.Tens
             f"{name} must have shape [V, {hidden.shape[-1]}] to match the hidden size of "
             f"{hidden_name}, got {tuple(w.shape)}"
         )
+    if w.shape[0] == 0:
+        raise ValueError(f"{name} has an empty vocabulary (V=0 rows), got shape {tuple(w.shape)}")
     if w.device != hidden.device:
         raise ValueError(f"{name} must be on {hidden.device} like {hidden_name}, got {w.device}")
     return w
 
 
-def check_bias(name: str, bias: object, weight: torch.Tensor) -> torch.Tensor | None:
+def check_bias(name: str, bias: object, weight_name: str, weight: torch.Tensor) -> torch.Tensor | None:
     if bias is None:
         return None
     b = _tensor(name, bias, (1,))
     if b.shape[0] != weight.shape[0]:
-        raise ValueError(f"{name} must have shape [{weight.shape[0]}], got {tuple(b.shape)}")
+        raise ValueError(f"{name} must have shape [{weight.shape[0]}] like the rows of {weight_name}, got {tuple(b.shape)}")
+    if b.device != weight.device:
+        raise ValueError(f"{name} must be on {weight.device} like {weight_name}, got {b.device}")
     return b
 
 

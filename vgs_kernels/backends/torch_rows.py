@@ -10,9 +10,10 @@ The row contract (shared by ``torch``, ``triton``, ``cpu`` and ``cuda``)::
   (may be views with a row stride larger than V; the last dim is contiguous).
 * ``coef``: [n, 3] float32, per-row coefficients (c_std, c_vis, c_lang) that already include the
   reduction weight, gamma and the term weight.
-* ``grad_zs``: None or a float32 [n, V] tensor overwritten with
+* ``grad_zs``: None or a float32 [n, V] tensor (float64 for fp64 inputs: the driver allocates
+  its gradient buffers in the compute dtype) overwritten with
   (c_std * p (log p - log q - std) + c_vis * p (log p - log r - vis)) / tau.
-* ``grad_zsp``: None or a float32 [n, V] tensor overwritten with
+* ``grad_zsp``: None or a [n, V] tensor of the same dtype as ``grad_zs``, overwritten with
   (c_lang * p' (log p' - log q' - lang) + c_prior * (r - p)) / tau,
   where c_prior = c_vis unless ``detach_target_prior`` (then 0).
 
@@ -24,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-# A finite stand-in for -inf logits: exp() of it underflows to 0, products with 0 stay 0.
+# A finite stand-in for -inf logits: exp() of it underflows to 0, products with 0 stay 0. It stays
+# finite in fp32 after division by tau because VGSOptions requires temperature >= 1e-6.
 NEG_LOGIT = -1.0e30
 
 
