@@ -39,6 +39,7 @@ from .calibrate import (
     sample_views,
     select_params,
 )
+from .rng import fork_rng
 
 TERMS = ("std", "vis", "lang")
 PAIRS = (("lang", "vis"), ("std", "vis"), ("std", "lang"))
@@ -206,7 +207,7 @@ def analyze(student, teacher, processor, rows, *, batches: int = 4, batch_size: 
     engine = HFRolloutEngine(builder.tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_p=top_p, top_k=top_k, vocab_rows=student.get_output_embeddings().weight.shape[0])
     views = []
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng():
         torch.manual_seed(seed)
         for i in range(batches):
             chunk = [rows[(i * batch_size + j) % len(rows)] for j in range(batch_size)]

@@ -29,6 +29,8 @@ import torch
 
 from vgs_kernels import fused_linear_vgs_loss
 
+from .rng import fork_rng
+
 # gamma at alpha = 2 from App. A of the paper (the model's name, case-insensitive, as in the config)
 GAMMA_PRESETS = {"qwen3-vl-2b": 0.41, "qwen3-vl-4b": 0.36}
 PRESET_ALPHA = 2.0
@@ -248,7 +250,7 @@ def calibrate(student, teacher, processor, rows, *, batches: int = 8, batch_size
     params = params or select_params(student)
     sampler = Sampler(len(rows), seed, shuffle)
     steps = []
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng():  # the CPU and CUDA generators: manual_seed below reseeds both
         torch.manual_seed(seed)
         for i in range(batches):
             batch = [rows[j] for j in sampler.next(batch_size)]
@@ -295,22 +297,21 @@ def tool_setup(prog: str, args) -> tuple | None:
 
     Returns (config_path, cfg, setup, rows, params), or None after printing the error (exit code 2).
     """
+    import yaml
+
     from .config import load_config
     from .data import load_dataset_rows
 
     config, overrides = _split_config(args.config, args.overrides)
+    # bad values and YAML syntax (ValueError), missing files / model folders (OSError): `prog: error: ...`
     try:
-        cfg = load_config(config, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"{prog}: config error: {e}", file=sys.stderr)
-        return None
-    torch.manual_seed(cfg.run.seed)
-    s = load_setup(cfg, verbose=not args.quiet)
-    rows = load_dataset_rows(s["paths"][args.split] or s["paths"]["train"], cfg.data.image_root)
-    try:
+        cfg = load_config(config, overrides, check_paths=True)
+        torch.manual_seed(cfg.run.seed)
+        s = load_setup(cfg, verbose=not args.quiet)
+        rows = load_dataset_rows(s["paths"][args.split] or s["paths"]["train"], cfg.data.image_root)
         params = select_params(s["student"], args.params or None)
-    except ValueError as e:
-        print(f"{prog}: {e}", file=sys.stderr)
+    except (ValueError, OSError, ImportError, yaml.YAMLError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return None
     return config, cfg, s, rows, params
 

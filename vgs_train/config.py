@@ -6,7 +6,9 @@ Unknown keys are errors that name the key and list the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
@@ -149,35 +151,44 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
 
-    def validate(self) -> TrainConfig:
+    def validate(self, check_paths: bool = False) -> TrainConfig:
+        """Check every value (errors name the dotted key). ``check_paths``: also require model.student /
+        model.teacher to be "tiny", an existing folder or a hub id (the CLIs; see :meth:`check_paths`)."""
         m = self.loss.method
         if m not in ALL_METHODS:
             raise ValueError(f"loss.method must be one of {sorted(ALL_METHODS)}, got {m!r}")
         self._validate_gamma()
+        self._validate_loss_options()
         if m in GRPO_METHODS:
-            g = self.grpo
             if self.rollout.samples_per_prompt < 2:
                 raise ValueError(f"loss.method={m} needs rollout.samples_per_prompt (the GRPO group size G) >= 2, "
                                  f"got {self.rollout.samples_per_prompt}")
-            if not 0.0 <= g.lam <= 1.0:
-                raise ValueError(f"grpo.lam must be in [0, 1], got {g.lam!r}")
-            if g.epsilon <= 0 or (g.epsilon_high is not None and float(g.epsilon_high) <= 0):
-                raise ValueError(f"grpo.epsilon / grpo.epsilon_high must be > 0, got {g.epsilon!r} / {g.epsilon_high!r}")
-            if not isinstance(g.iterations, int) or g.iterations < 1:
-                raise ValueError(f"grpo.iterations must be a positive integer, got {g.iterations!r}")
             from .rewards import get_reward_fn
 
-            get_reward_fn(g.reward)
-        for name, v in (("run.max_steps", self.run.max_steps), ("optim.grad_accum", self.optim.grad_accum),
-                        ("optim.batch_size", self.optim.batch_size),
+            get_reward_fn(self.grpo.reward)
+        self._validate_grpo()
+        for name, v in (("run.max_steps", self.run.max_steps), ("run.log_every", self.run.log_every),
+                        ("optim.grad_accum", self.optim.grad_accum), ("optim.batch_size", self.optim.batch_size),
                         ("rollout.max_new_tokens", self.rollout.max_new_tokens),
-                        ("rollout.samples_per_prompt", self.rollout.samples_per_prompt)):
+                        ("rollout.samples_per_prompt", self.rollout.samples_per_prompt),
+                        ("eval.batch_size", self.eval.batch_size), ("eval.max_new_tokens", self.eval.max_new_tokens)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if self.optim.lr <= 0:
+        for name, v in (("run.save_every", self.run.save_every), ("eval.every", self.eval.every),
+                        ("eval.limit", self.eval.limit), ("rollout.top_k", self.rollout.top_k)):
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
+        check_eval_k(self.eval.k, "eval.k")
+        if self.eval.every > 0 and not self.data.eval:
+            raise ValueError(f"eval.every={self.eval.every} evaluates during training but data.eval is empty: "
+                             "set data.eval or eval.every=0")
+        if not _finite(self.optim.lr) or self.optim.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.optim.lr!r}")
-        if self.rollout.temperature <= 0:
+        self.optim.betas = _betas(self.optim.betas)
+        if not _finite(self.rollout.temperature) or self.rollout.temperature <= 0:
             raise ValueError(f"rollout.temperature must be > 0, got {self.rollout.temperature!r}")
+        if not _finite(self.rollout.top_p) or not 0.0 < self.rollout.top_p <= 1.0:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.rollout.top_p!r}")
         if self.model.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"model.dtype must be auto, fp32 or bf16, got {self.model.dtype!r}")
         if self.embedded.tokenizer_vocab not in ("task", "full"):
@@ -186,7 +197,74 @@ class TrainConfig:
 
         if self.rollout.engine not in ENGINES:
             raise ValueError(f"rollout.engine must be one of {sorted(ENGINES)}, got {self.rollout.engine!r}")
+        if check_paths:
+            self.check_paths()
         return self
+
+    def check_paths(self) -> TrainConfig:
+        """model.student / model.teacher: "tiny", an existing model folder, or a hub id NAMESPACE/NAME
+        (loaded from the local Hugging Face cache). Not part of the default validation: configs with
+        placeholder paths (configs/paper) still load for inspection."""
+        for key in ("student", "teacher"):
+            value = getattr(self.model, key)
+            if value != "tiny":
+                check_model_path(value, f"model.{key}")
+        return self
+
+    def _validate_grpo(self) -> None:
+        g = self.grpo
+        if not _finite(g.lam) or not 0.0 <= g.lam <= 1.0:
+            raise ValueError(f"grpo.lam must be in [0, 1], got {g.lam!r}")
+        if not _finite(g.epsilon) or g.epsilon <= 0:
+            raise ValueError(f"grpo.epsilon must be a number > 0, got {g.epsilon!r}")
+        if g.epsilon_high is not None:
+            eh = _number(g.epsilon_high)
+            if eh is None or eh <= 0:
+                raise ValueError(f"grpo.epsilon_high must be a number > 0 (or null: grpo.epsilon), "
+                                 f"got {g.epsilon_high!r}")
+            g.epsilon_high = eh
+        if not isinstance(g.iterations, int) or g.iterations < 1:
+            raise ValueError(f"grpo.iterations must be a positive integer, got {g.iterations!r}")
+
+    def _validate_loss_options(self) -> None:
+        """The loss keywords through ``vgs_kernels.options.VGSOptions`` (the check every backend runs), so a
+        bad value fails here naming its ``loss.`` key instead of at the first training step."""
+        from vgs_kernels.backends import NAMES
+        from vgs_kernels.options import VGSOptions
+
+        lc = self.loss
+        thr = lc.threshold
+        if isinstance(thr, (list, tuple)):
+            thr = tuple(_number(x) if _number(x) is not None else x for x in thr)
+        elif _number(thr) is not None:
+            thr = _number(thr)
+        mode = self.loss_mode
+        if mode is None:  # pure GRPO: no distillation term, the threshold is never used
+            mode, thr = "standard", None
+        g = lc.gamma
+        gamma = g if isinstance(g, (int, float)) and not isinstance(g, bool) else 1.0  # auto / presets: skip
+        try:
+            VGSOptions(mode=mode, alpha=lc.alpha, beta=lc.beta, gamma=gamma, quantile=lc.quantile,
+                       adaptive_quantiles=tuple(lc.adaptive_quantiles), threshold=thr, vds_scope=lc.vds_scope,
+                       temperature=lc.temperature, reduction=lc.reduction,
+                       detach_target_prior=lc.detach_target_prior)
+        except ValueError as e:
+            msg = str(e)
+            key = re.match(r"\w*", msg).group(0)
+            if key == "mode":  # the mode comes from loss.method: the threshold is what does not fit it
+                raise ValueError(f"loss.threshold: {msg} (loss.method={self.loss.method})") from None
+            if key == "threshold":
+                raise ValueError(f"loss.{msg} (loss.method={self.loss.method})") from None
+            if key in {f.name for f in dataclasses.fields(LossConfig)}:
+                raise ValueError(f"loss.{msg}") from None
+            raise ValueError(f"loss: {msg}") from None
+        if thr is not None:  # numeric strings (YAML 1.1: 1e-3) as numbers
+            lc.threshold = list(thr) if isinstance(thr, tuple) else thr
+        cs = lc.chunk_size
+        if cs is not None and (isinstance(cs, bool) or not isinstance(cs, int) or cs < 1):
+            raise ValueError(f"loss.chunk_size must be a positive integer or null (automatic), got {cs!r}")
+        if lc.backend not in NAMES:
+            raise ValueError(f"loss.backend must be one of {NAMES}, got {lc.backend!r}")
 
     def _validate_gamma(self) -> None:
         g = self.loss.gamma
@@ -245,6 +323,56 @@ class TrainConfig:
         d = self.embedded.cache_dir or os.environ.get("VGS_TRAIN_CACHE") or os.path.join(
             os.path.expanduser("~"), ".cache", "vgs_train")
         return os.path.abspath(d)
+
+
+def _number(v) -> float | None:
+    """``v`` as a finite float (numbers and numeric strings: YAML 1.1 reads 1e-3 as a string), else None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, str):
+        try:
+            v = float(v)
+        except ValueError:
+            return None
+    if isinstance(v, (int, float)) and math.isfinite(v):
+        return float(v)
+    return None
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _betas(betas) -> list:
+    vals = [_number(b) for b in betas] if isinstance(betas, (list, tuple)) else []
+    if len(vals) != 2 or any(b is None or not 0.0 <= b < 1.0 for b in vals):
+        raise ValueError(f"optim.betas must be a list of 2 numbers in [0, 1), got {betas!r}")
+    return vals
+
+
+def check_eval_k(k, key: str = "eval.k") -> int:
+    """Sampled Acc@k needs k >= 2 (k = 1 would be a second, sampled acc@1); 0 = greedy Acc@1 only."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k == 1:
+        raise ValueError(f"{key} must be 0 (greedy Acc@1 only) or an integer >= 2 (sampled Acc@k), got {k!r}")
+    return k
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """``NAMESPACE/NAME`` that is not a local path (those load from the local Hugging Face cache offline)."""
+    return (path.count("/") == 1 and not path.startswith(("/", ".")) and all(path.split("/"))
+            and not os.path.exists(path))
+
+
+def check_model_path(path: str, key: str) -> None:
+    """A model folder (save_pretrained) that exists, or a hub id; else a ValueError naming ``key``."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"{key}: expected a model folder or hub id, got {path!r}")
+    if os.path.isdir(path) or looks_like_hub_id(path):
+        return
+    if os.path.exists(path):
+        raise ValueError(f"{key}: not a directory: {path}")
+    hint = "" if path.startswith(("/", ".")) else " (nor a hub id NAMESPACE/NAME)"
+    raise ValueError(f"{key}: no such directory: {path}{hint}")
 
 
 def to_dict(cfg) -> dict:
@@ -310,15 +438,31 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ValueError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ValueError(f"override {item!r}: the value is not valid YAML ({_one_line(e)})") from None
+    return key.strip().split("."), value
 
 
-def load_config(path: str | None = None, overrides: list[str] | tuple = (), base: dict | None = None) -> TrainConfig:
-    """Defaults <- YAML file <- ``base`` dict <- dotted overrides; then validated."""
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple = (), base: dict | None = None,
+                check_paths: bool = False) -> TrainConfig:
+    """Defaults <- YAML file <- ``base`` dict <- dotted overrides; then validated (``check_paths``: the model
+    paths too, see :meth:`TrainConfig.check_paths`). Errors: ValueError naming the key (YAML syntax
+    errors included), FileNotFoundError / IsADirectoryError for ``path``."""
     cfg = TrainConfig()
     if path:
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"config {path!r} is a directory, not a YAML file")
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ValueError(f"config {path!r} is not valid YAML: {_one_line(e)}") from None
         _apply(cfg, data)
     if base:
         _apply(cfg, base)
@@ -328,7 +472,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple = (), base
         for k in reversed(keys):
             nested = {k: nested}
         _apply(cfg, nested)
-    return cfg.validate()
+    return cfg.validate(check_paths=check_paths)
 
 
 def save_config(cfg: TrainConfig, path: str) -> None:

@@ -20,26 +20,58 @@ class Example:
 
 
 def load_jsonl(path: str, image_root: str = "") -> list[Example]:
+    """Rows of a JSONL file, checked at load time (errors name ``path:line`` and the field): each line a
+    JSON object with string ``question`` and ``answer`` (a numeric answer is read as its text) and an
+    ``image`` path to an existing file; relative paths resolve against ``image_root`` (default: the
+    JSONL's folder). An optional ``response`` is a string."""
     root = image_root or os.path.dirname(os.path.abspath(path))
     rows = []
     with open(path) as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from None
+                raise ValueError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object {{image, question, answer}}, "
+                                 f"got {type(row).__name__} {_short(row)}")
             missing = [k for k in REQUIRED if k not in row]
             if missing:
-                raise ValueError(f"{path}:{n}: row lacks {missing}; rows need keys {list(REQUIRED)}")
+                raise ValueError(f"{where}: row lacks {missing}; rows need keys {list(REQUIRED)}")
             img = row["image"]
-            if isinstance(img, str) and not os.path.isabs(img):
+            if not isinstance(img, str) or not img:
+                raise ValueError(f"{where}: 'image' must be a path (a non-empty string), got {_short(img)}")
+            if not os.path.isabs(img):
                 img = os.path.join(root, img)
-            rows.append(Example(img, str(row["question"]), str(row["answer"]), row.get("response")))
+            if not os.path.isfile(img):
+                how = "" if os.path.isabs(row["image"]) else f" (relative image paths resolve against {root})"
+                raise ValueError(f"{where}: 'image' file not found: {img}{how}")
+            response = row.get("response")
+            if response is not None and not isinstance(response, str):
+                raise ValueError(f"{where}: 'response' must be a string, got {_short(response)}")
+            rows.append(Example(img, _text(row, "question", where), _text(row, "answer", where, numbers=True),
+                                response))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def _short(v, n: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
+
+def _text(row: dict, key: str, where: str, numbers: bool = False) -> str:
+    """``row[key]`` as text: a string (or, with ``numbers``, a number's text); never ``None``."""
+    v = row[key]
+    if isinstance(v, str):
+        return v
+    if numbers and isinstance(v, (int, float)) and not isinstance(v, bool):
+        return str(v)
+    raise ValueError(f"{where}: {key!r} must be a string{' or a number' if numbers else ''}, got {_short(v)}")
 
 
 def load_dataset_rows(spec: str, image_root: str = "") -> list[Example]:
@@ -60,9 +92,19 @@ def load_dataset_rows(spec: str, image_root: str = "") -> list[Example]:
         missing = [k for k in REQUIRED if k not in ds.column_names]
         if missing:
             raise ValueError(f"dataset {spec!r} lacks columns {missing}; it needs {list(REQUIRED)}")
-        return [Example(r["image"], str(r["question"]), str(r["answer"]), r.get("response")) for r in ds]
+        rows = []
+        for i, r in enumerate(ds):
+            where = f"dataset {spec!r} row {i}"
+            if r["image"] is None:
+                raise ValueError(f"{where}: 'image' is null")
+            rows.append(Example(r["image"], _text(r, "question", where), _text(r, "answer", where, numbers=True),
+                                r.get("response")))
+        return rows
     if not os.path.exists(spec):
         raise FileNotFoundError(f"data file {spec!r} does not exist")
+    if os.path.isdir(spec):
+        raise IsADirectoryError(f"data {spec!r} is a folder but not a saved `datasets` dataset "
+                                "(no dataset_info.json); pass a JSONL file")
     return load_jsonl(spec, image_root)
 
 

@@ -22,6 +22,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from .rng import fork_rng
+
 DEMO_OVERRIDES = [
     "optim.lr=2e-3", "optim.batch_size=16", "optim.grad_clip=1.0", "rollout.max_new_tokens=24",
     "run.save_every=0", "run.log_every=1", "eval.at_end=false", "eval.k=0",
@@ -43,7 +45,7 @@ def distill_gap(student, teacher, processor, rows, loss_kwargs: dict, *, batch_s
     engine = HFRolloutEngine(tok, max_new_tokens=max_new_tokens,
                              vocab_rows=student.get_output_embeddings().weight.shape[0])
     sums, count = {"std": 0.0, "vis": 0.0, "lang": 0.0, "vds": 0.0}, 0
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng():
         torch.manual_seed(seed)
         for i in range(0, len(rows), batch_size):
             chunk = rows[i:i + batch_size]

@@ -16,6 +16,7 @@ import torch
 from . import synthetic
 from .config import TrainConfig, to_dict
 from .data import Sampler, load_jsonl
+from .rng import fork_rng
 from .views import REASONING_SYSTEM_PROMPT, PromptBuilder, append_completion, response_hidden
 
 PREP_VERSION = 3
@@ -57,7 +58,7 @@ def sft(model, processor, examples, *, steps: int, lr: float, batch_size: int, s
     model.train()
     losses = []
     t0 = time.time()
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng():
         torch.manual_seed(seed)
         for step in range(steps):
             rows = [examples[i] for i in sampler.next(batch_size)]

@@ -7,6 +7,7 @@ import re
 import torch
 
 from .data import Example
+from .rng import fork_rng
 from .rollout import HFRolloutEngine
 from .views import PromptBuilder
 
@@ -37,7 +38,10 @@ def is_correct(completion_text: str, answer: str) -> bool:
 def evaluate(model, processor, examples: list[Example], *, k: int = 4, batch_size: int = 64,
              max_new_tokens: int = 48, with_image: bool = True, system_prompt: str | None = None,
              seed: int = 0, device=None) -> dict:
-    """Greedy Acc@1 and sampled Acc@k (a prompt counts when any of k samples at T=1.0 is correct)."""
+    """Greedy Acc@1 and sampled Acc@k (a prompt counts when any of k samples at T=1.0 is correct);
+    ``k`` = 0 (greedy only) or >= 2. The global RNG states (CPU and CUDA) are left as they were."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k == 1:
+        raise ValueError(f"k must be 0 (greedy Acc@1 only) or an integer >= 2 (sampled Acc@k), got {k!r}")
     builder = PromptBuilder(processor, system_prompt)
     tok = builder.tokenizer
     engine = HFRolloutEngine(tok, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
@@ -45,8 +49,7 @@ def evaluate(model, processor, examples: list[Example], *, k: int = 4, batch_siz
     device = device or next(model.parameters()).device
     greedy_ok, sampled_ok, n = 0, 0, 0
     samples = []
-    gen = torch.random.fork_rng(devices=[])
-    with gen:
+    with fork_rng():
         torch.manual_seed(seed)
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]

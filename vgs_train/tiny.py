@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .rng import fork_rng
+
 
 @dataclass
 class TinyModelConfig:
@@ -68,7 +70,7 @@ def build_tiny_model(tiny: TinyModelConfig, tokenizer, seed: int = 0):
     from transformers import Qwen3VLForConditionalGeneration
 
     cfg = qwen3vl_config(tiny, tokenizer)
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng():
         torch.manual_seed(seed)
         model = Qwen3VLForConditionalGeneration(cfg)
     gc = model.generation_config
