@@ -18,10 +18,11 @@ from _train_helpers import tiny_overrides
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # greedy rollouts (top_k=1) so that 1 and 2 processes sample the same completions; a large Adam eps so that
 # the first update is ~linear in the gradient (with eps=1e-8, Adam's g/(|g|+eps) turns fp32 summation-order
-# noise on near-zero gradients into visible parameter differences)
 # noise on near-zero gradients into visible parameter differences); token reduction, so that each rank's
-# loss is rescaled by n_valid_local * world / n_valid_global (ranks hold different token counts)
-EXTRA = ["rollout.top_k=1", "run.keep_checkpoints=10", "run.log_every=1", "optim.eps=1e-2", "loss.reduction=token"]
+# loss is rescaled by n_valid_local * world / n_valid_global (ranks hold different token counts); two
+# micro-batches per step (DDP reduces the gradients on the last one only)
+EXTRA = ["rollout.top_k=1", "optim.grad_accum=2", "run.keep_checkpoints=10", "run.log_every=1", "optim.eps=1e-2",
+         "loss.reduction=token"]
 
 
 def _port() -> int:

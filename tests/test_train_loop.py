@@ -124,3 +124,62 @@ def test_sigterm_writes_checkpoint(cache, tmp_path):
     assert signal.getsignal(signal.SIGTERM) is not None
     again = _trainer(cache, str(tmp_path / "sig"), "run.max_steps=2", resume=True)
     assert again.step == 1 and again.sampler.index == tr.sampler.index
+
+
+def test_accumulation_syncs_on_the_last_micro_batch_only(cache, tmp_path, monkeypatch):
+    """Gradients are reduced (DDP / FSDP2) and DeepSpeed steps only on the last of grad_accum micro-batches."""
+    tr = _trainer(cache, str(tmp_path / "acc"), "run.max_steps=1", "optim.grad_accum=3")
+    seen, orig = [], tr.accelerator.backward
+
+    def backward(loss, **kw):
+        seen.append(tr.accelerator.sync_gradients)
+        return orig(loss, **kw)
+
+    monkeypatch.setattr(tr.accelerator, "backward", backward)
+    tr.train_step()
+    assert seen == [False, False, True] and tr.accelerator.sync_gradients
+
+
+def test_checkpoints_once_per_step_and_resume_from_older_one(cache, tmp_path, monkeypatch):
+    """save_every dividing max_steps writes the last checkpoint once; resuming an older checkpoint drops the
+    later log lines and the stale later checkpoint, and continues exactly."""
+    import safetensors.torch as st
+
+    writes = []
+    orig = st.save_model
+    monkeypatch.setattr(st, "save_model", lambda m, path, **kw: writes.append(path) or orig(m, path, **kw))
+    run = tmp_path / "run"
+    full = _trainer(cache, str(run), "run.max_steps=3", "run.save_every=1", "run.keep_checkpoints=4")
+    ref = full.train()
+    ckpts = run / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["latest", "step_0000001", "step_0000002", "step_0000003"]
+    assert [os.path.basename(os.path.dirname(p)) for p in writes] == [f"step_000000{i}.tmp" for i in (1, 2, 3)]
+    again = _trainer(cache, str(run), "run.max_steps=3", "run.save_every=1", "run.keep_checkpoints=2",
+                     resume=str(ckpts / "step_0000001"))
+    assert again.step == 1
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+    m = again.train()
+    assert [x["loss"] for x in m] == pytest.approx([r["loss"] for r in ref[1:]], rel=1e-5, abs=1e-7)
+    assert [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert sorted(os.listdir(ckpts)) == ["latest", "step_0000002", "step_0000003"]
+
+
+def test_resume_refuses_a_changed_config(cache, tmp_path):
+    run = str(tmp_path / "run")
+    _trainer(cache, run, "run.max_steps=1").train()
+    with pytest.raises(ValueError, match=r"loss.method: 'vgs' -> 'opd'"):
+        _trainer(cache, run, "run.max_steps=2", "loss.method=opd", resume=True)
+    assert _trainer(cache, run, "run.max_steps=2", "run.log_every=2", resume=True).step == 1  # allowed
+
+
+def test_grpo_resume_mid_iterations_reuses_the_stored_rollouts(cache, tmp_path):
+    grpo = ("loss.method=grpo+vgs", "rollout.samples_per_prompt=2", "grpo.iterations=2", "grpo.epsilon=0.1")
+    ref = _trainer(cache, str(tmp_path / "full"), "run.max_steps=2", *grpo).train()
+    part = _trainer(cache, str(tmp_path / "part"), "run.max_steps=1", *grpo)
+    part.train()
+    assert (tmp_path / "part" / "checkpoints" / "step_0000001" / "grpo_buffer_rank0.pt").exists()
+    resumed = _trainer(cache, str(tmp_path / "part"), "run.max_steps=2", *grpo, resume=True)
+    m = resumed.train()
+    assert m[0]["time_rollout"] == 0.0  # the second iteration of the stored batch, not new rollouts
+    for k in ("loss", "ratio_mean", "distill_loss"):
+        assert m[0][k] == pytest.approx(ref[1][k], rel=1e-5, abs=1e-7), k

@@ -24,6 +24,8 @@ GRPO methods (``grpo``, ``grpo+opd``, ``grpo+vgs``; paper Sec. 8, Eq. 22) sample
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import json
 import os
@@ -51,13 +53,18 @@ from .distributed import (
     whole_init,
 )
 from .evaluate import evaluate, is_correct
-from .grpo import grpo_loss, rollout_groups
+from .grpo import GRPOBatch, grpo_loss, rollout_groups
 from .modeling import check_same_tokenizer, load_model, load_processor
 from .rewards import get_reward_fn
 from .rollout import ENGINES
-from .views import PromptBuilder, build_views, four_view_hidden, repeat_prompt
+from .views import PromptBuilder, ViewBatch, build_views, four_view_hidden, repeat_prompt
 
 STATE_FILE, MODEL_FILE, OPTIM_FILE = "trainer_state.pt", "model.safetensors", "optimizer.pt"
+# config keys a resumed run may change; any other difference from the run's config.yaml is refused
+# (a longer run, logging, evaluation, where things are, and settings that change speed but not the numbers)
+RESUME_MAY_CHANGE = ("run.max_steps", "run.log_every", "run.save_every", "run.keep_checkpoints", "run.progress",
+                     "run.tensorboard", "eval.", "embedded.cache_dir", "data.image_root", "data.eval",
+                     "model.gradient_checkpointing", "model.attn_implementation", "loss.chunk_size", "loss.backend")
 
 
 def resolve_paths(cfg: TrainConfig, verbose: bool = True) -> dict:
@@ -94,6 +101,9 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=mp, cpu=not cuda)
         self.world, self.rank = self.accelerator.num_processes, self.accelerator.process_index
         self.verbose = verbose and self.accelerator.is_main_process
+        if cfg.is_grpo and self._sharded:
+            raise ValueError(f"loss.method={cfg.loss.method} runs with DDP or one process; FSDP / DeepSpeed shard "
+                             "the lm_head that GRPO's log-probabilities read outside the model's forward")
         if self.world > 1 and cfg.loss.gamma == "auto":
             raise ValueError("loss.gamma=auto calibrates on one process; with several processes measure gamma "
                              "with vgs-calibrate and pass the number (or a preset)")
@@ -102,6 +112,8 @@ class Trainer:
             self.paths = resolve_paths(cfg, self.verbose)
         self.run_dir = os.path.abspath(cfg.run.out_dir)
         self.ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        if resume:  # before any model loads
+            check_resume_config(cfg, os.path.join(self.run_dir, "config.yaml"))
 
         self.processor = load_processor(self.paths["student"])
         teacher_processor = load_processor(self.paths["teacher"])
@@ -139,6 +151,7 @@ class Trainer:
         self._grpo_buffer: list = []  # rollout batches reused for grpo.iterations optimizer steps
         self._grpo_uses = 0
         self.step = 0
+        self._saved_step = None  # the step of the newest checkpoint on disk (not written twice)
         self._stop_signal = None
         if resume:
             self.load_checkpoint(resume if isinstance(resume, str) else self.latest_checkpoint())
@@ -266,13 +279,17 @@ class Trainer:
         if not reuse:
             self._grpo_buffer, self._grpo_uses = [], 0
         for a in range(oc.grad_accum):
-            if reuse:
-                parts.append(self.micro_step(None, self._grpo_buffer[a]))
-            else:
-                # every rank draws the same global micro-batch and keeps its share
-                rows = [self.rows[i] for i in rank_share(self.sampler.next(oc.batch_size * self.world),
-                                                         self.rank, self.world)]
-                parts.append(self.micro_step(rows))
+            # gradients are reduced over ranks (DDP / FSDP2) and DeepSpeed steps on the last micro-batch only
+            last = a == oc.grad_accum - 1
+            self.accelerator.sync_gradients = last
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.student):
+                if reuse:
+                    parts.append(self.micro_step(None, self._grpo_buffer[a]))
+                else:
+                    # every rank draws the same global micro-batch and keeps its share
+                    rows = [self.rows[i] for i in rank_share(self.sampler.next(oc.batch_size * self.world),
+                                                             self.rank, self.world)]
+                    parts.append(self.micro_step(rows))
         if self.cfg.is_grpo:
             self._grpo_uses = (self._grpo_uses + 1) % self.cfg.grpo.iterations
         grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), oc.grad_clip) \
@@ -322,17 +339,25 @@ class Trainer:
         FSDP / DeepSpeed the model and optimizer are sharded: ``accelerator.save_state`` writes them."""
         from safetensors.torch import save_model
 
+        name = f"step_{self.step:07d}"
+        final = os.path.join(self.ckpt_dir, name)
+        if self._saved_step == self.step:  # e.g. save_every divides max_steps: the end of the run saves again
+            return final
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         rngs = gather_objects(rng) if self.world > 1 else [rng]
-        name = f"step_{self.step:07d}"
-        final = os.path.join(self.ckpt_dir, name)
         tmp = final + ".tmp"
         main = self.accelerator.is_main_process
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
+        if self._grpo_uses > 0:  # mid-way through grpo.iterations: each rank keeps its rollout batches
+            self.accelerator.wait_for_everyone()
+            torch.save([_to_plain(b) for b in self._grpo_buffer],
+                       os.path.join(tmp, GRPO_BUFFER_FILE.format(rank=self.rank)))
+            self.accelerator.wait_for_everyone()  # every rank's file is in tmp before the main process renames it
+        self._saved_step = self.step
         if self._sharded:
             self.accelerator.wait_for_everyone()
             self.accelerator.save_state(os.path.join(tmp, "accelerate_state"))
@@ -342,20 +367,31 @@ class Trainer:
         if not self._sharded:
             save_model(self.unwrapped, os.path.join(tmp, MODEL_FILE))
             torch.save(self.optimizer.state_dict(), os.path.join(tmp, OPTIM_FILE))
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng, "rng_ranks": rngs}
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "rng": rng, "rng_ranks": rngs,
+                 "grpo_uses": self._grpo_uses}
         if self.auto_gamma is not None:
             state["auto_gamma"] = json.dumps(self.auto_gamma.state_dict())
         torch.save(state, os.path.join(tmp, STATE_FILE))
+        old = final + ".old"  # a same-step checkpoint (a resumed older one): moved aside, never deleted first
         if os.path.exists(final):
-            shutil.rmtree(final)
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _atomic_write(os.path.join(self.ckpt_dir, "latest"), name)
-        keep = self.cfg.run.keep_checkpoints
-        olds = sorted(d for d in os.listdir(self.ckpt_dir) if d.startswith("step_") and not d.endswith(".tmp"))
-        for d in olds[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(self.ckpt_dir, d), ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        self._prune_checkpoints(name)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _prune_checkpoints(self, current: str) -> None:
+        """Keep ``run.keep_checkpoints`` (the current one among them); steps after the current one are
+        stale (a run resumed from an older checkpoint) and go."""
+        keep = self.cfg.run.keep_checkpoints
+        steps = sorted(d for d in os.listdir(self.ckpt_dir) if d.startswith("step_") and d[5:].isdigit())
+        older = [d for d in steps if d < current]
+        drop = [d for d in steps if d > current] + (older[:max(0, len(older) - (keep - 1))] if keep > 0 else [])
+        for d in drop:
+            shutil.rmtree(os.path.join(self.ckpt_dir, d), ignore_errors=True)
 
     def load_checkpoint(self, path: str) -> None:
         from safetensors.torch import load_model as load_st
@@ -366,8 +402,15 @@ class Trainer:
             load_st(self.unwrapped, os.path.join(path, MODEL_FILE))
             self.optimizer.load_state_dict(torch.load(os.path.join(path, OPTIM_FILE), weights_only=True))
         st = torch.load(os.path.join(path, STATE_FILE), weights_only=True)
-        self.step = int(st["step"])
+        self.step = self._saved_step = int(st["step"])
         self.sampler.load_state_dict(st["sampler"])
+        self._grpo_uses = int(st.get("grpo_uses", 0))
+        if self._grpo_uses > 0:
+            buf = torch.load(os.path.join(path, GRPO_BUFFER_FILE.format(rank=self.rank)), weights_only=True)
+            self._grpo_buffer = [_from_plain(b, self.accelerator.device) for b in buf]
+        if self.accelerator.is_main_process:  # lines logged after this checkpoint are logged again
+            for log in ("metrics.jsonl", "eval.jsonl"):
+                _truncate_log(os.path.join(self.run_dir, log), self.step)
         if self.auto_gamma is not None and "auto_gamma" in st:
             self.auto_gamma.load_state_dict(json.loads(st["auto_gamma"]))
         ranks = st.get("rng_ranks") or [st["rng"]]
@@ -396,7 +439,8 @@ class Trainer:
         if cfg.run.tensorboard and self.accelerator.is_main_process:
             from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(os.path.join(self.run_dir, "tb"))
+            # a resumed run drops the events logged after its checkpoint
+            writer = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=self.step + 1 if self.step else None)
         bar = None
         if cfg.run.progress and self.accelerator.is_main_process:
             from tqdm.auto import tqdm
@@ -516,3 +560,48 @@ def _rows(weight: torch.Tensor) -> int:
 
 def config_summary(cfg: TrainConfig) -> dict:
     return to_dict(cfg)
+
+
+GRPO_BUFFER_FILE = "grpo_buffer_rank{rank}.pt"
+
+
+def _to_plain(batch: GRPOBatch) -> dict:
+    """A GRPO rollout batch as nested dicts / lists / tensors (loadable with ``weights_only=True``)."""
+    return {f.name: getattr(batch, f.name) if f.name != "views" else dataclasses.asdict(batch.views)
+            for f in dataclasses.fields(batch)}
+
+
+def _from_plain(d: dict, device) -> GRPOBatch:
+    d = dict(d)
+    views = ViewBatch(**d.pop("views")).to(device)
+    return GRPOBatch(views=views, **{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()})
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Keep the JSONL lines of steps up to ``step`` (atomically)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    _atomic_write(path, "".join(lines))
+
+
+def check_resume_config(cfg: TrainConfig, saved_path: str) -> None:
+    """A resumed run continues with the config it started with: refuse other changes than
+    ``RESUME_MAY_CHANGE`` (a longer run, logging, evaluation)."""
+    if not os.path.exists(saved_path):
+        return
+    from .config import load_config
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    saved, now = flat(to_dict(load_config(saved_path))), flat(to_dict(cfg))
+    changed = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+               if saved.get(k) != now.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
+    if changed:
+        raise ValueError(f"--resume: the config differs from the run's {saved_path} in " + "; ".join(changed)
+                         + " (pass the run's config and overrides again, or start a new run.out_dir)")
