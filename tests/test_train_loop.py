@@ -183,3 +183,16 @@ def test_grpo_resume_mid_iterations_reuses_the_stored_rollouts(cache, tmp_path):
     assert m[0]["time_rollout"] == 0.0  # the second iteration of the stored batch, not new rollouts
     for k in ("loss", "ratio_mean", "distill_loss"):
         assert m[0][k] == pytest.approx(ref[1][k], rel=1e-5, abs=1e-7), k
+
+
+def test_max_prompt_length_drops_longer_training_rows(cache, tmp_path):
+    tr = _trainer(cache, str(tmp_path / "all"))
+    lengths = tr.builder.prompt_lengths(tr.rows)
+    limit = sorted(lengths)[len(lengths) // 2]
+    kept = _trainer(cache, str(tmp_path / "some"), f"data.max_prompt_length={limit}")
+    assert len(kept.rows) == sum(n <= limit for n in lengths) < len(tr.rows)
+    assert max(kept.builder.prompt_lengths(kept.rows)) <= limit
+    with pytest.raises(ValueError, match="data.max_prompt_length=1: every training prompt is longer"):
+        _trainer(cache, str(tmp_path / "none"), "data.max_prompt_length=1")
+    with pytest.raises(ValueError, match="data.max_prompt_length"):
+        load_config(None, ["data.max_prompt_length=-1"])

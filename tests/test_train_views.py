@@ -145,3 +145,31 @@ def test_mismatched_tokenizers_fail_clearly(world):
     small.resize_token_embeddings(len(tok) - 5)
     with pytest.raises(ValueError, match="lm_head has"):
         check_same_tokenizer(tok, tok, small)
+
+
+def test_prompt_lengths_match_the_encoded_prompts(world):
+    """Counted from the text and the image header, equal to the processor's own encoding (two image sizes),
+    and the processor-less fallback (encode each prompt) agrees."""
+    import dataclasses
+
+    from PIL import Image
+
+    tok, proc, _, _, rows = world
+    rows = rows[:3] + [dataclasses.replace(rows[3], image=Image.new("RGB", (64, 64)))]
+    b = PromptBuilder(proc)
+    want = [int(b.encode([r], True)["attention_mask"].sum()) for r in rows]
+    assert want[3] > want[2]  # the larger image has more image tokens
+    assert b.prompt_lengths(rows) == want
+
+    class NoCount:  # a processor without _get_num_multimodal_tokens
+        def __init__(self, p):
+            self.tokenizer = p.tokenizer
+            self.p = p
+
+        def __call__(self, **kw):
+            return self.p(**kw)
+
+        def apply_chat_template(self, *a, **kw):
+            return self.p.apply_chat_template(*a, **kw)
+
+    assert PromptBuilder(NoCount(proc)).prompt_lengths(rows) == want

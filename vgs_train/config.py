@@ -51,6 +51,7 @@ class DataConfig:
     image_root: str = ""  # relative image paths resolve against this (default: the JSONL's folder)
     shuffle: bool = True
     system_prompt: str = ""  # empty = the paper's reasoning prompt (App. B.4)
+    max_prompt_length: int = 0  # drop training rows whose image-view prompt is longer (tokens); 0 = no limit
 
 
 @dataclass
@@ -175,7 +176,8 @@ class TrainConfig:
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name, v in (("run.save_every", self.run.save_every), ("eval.every", self.eval.every),
-                        ("eval.limit", self.eval.limit), ("rollout.top_k", self.rollout.top_k)):
+                        ("eval.limit", self.eval.limit), ("rollout.top_k", self.rollout.top_k),
+                        ("data.max_prompt_length", self.data.max_prompt_length)):
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         check_eval_k(self.eval.k, "eval.k")

@@ -119,6 +119,18 @@ def load_image(image):
     return image.convert("RGB")
 
 
+def image_size(image) -> tuple[int, int]:
+    """(width, height) of an image path, ``datasets`` image dict or PIL image; a path's header only."""
+    from PIL import Image
+
+    if isinstance(image, str):
+        with Image.open(image) as im:
+            return im.size
+    if isinstance(image, dict) and "path" in image:
+        return image_size(image["path"])
+    return image.size
+
+
 class Sampler:
     """Seeded epoch shuffling with a saveable position (epoch, index) for exact resume."""
 

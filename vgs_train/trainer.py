@@ -144,6 +144,8 @@ class Trainer:
                                          vocab_rows=_rows(self.unwrapped.get_output_embeddings().weight))
         self.builder = PromptBuilder(self.processor, cfg.data.system_prompt or None)
         self.rows = load_dataset_rows(self.paths["train"], cfg.data.image_root)
+        if cfg.data.max_prompt_length:
+            self.rows = self._drop_long_prompts(self.rows, cfg.data.max_prompt_length)
         self.sampler = Sampler(len(self.rows), cfg.run.seed, cfg.data.shuffle)
         self.loss_kwargs = cfg.loss_kwargs()
         self.auto_gamma = AutoGamma(cfg.loss.gamma_calibration_steps) if cfg.loss.gamma == "auto" else None
@@ -158,6 +160,17 @@ class Trainer:
         elif os.path.exists(os.path.join(self.ckpt_dir, "latest")):
             raise FileExistsError(f"{self.run_dir} already has checkpoints: pass --resume to continue it, or "
                                   "choose another run.out_dir")
+
+    def _drop_long_prompts(self, rows: list, limit: int) -> list:
+        lengths = self.builder.prompt_lengths(rows)
+        kept = [r for r, n in zip(rows, lengths) if n <= limit]
+        if not kept:
+            raise ValueError(f"data.max_prompt_length={limit}: every training prompt is longer "
+                             f"(shortest {min(lengths)} tokens)")
+        if self.verbose and len(kept) < len(rows):
+            print(f"data.max_prompt_length={limit}: dropped {len(rows) - len(kept)} of {len(rows)} training rows "
+                  f"(longest prompt {max(lengths)} tokens)", flush=True)
+        return kept
 
     @property
     def unwrapped(self):

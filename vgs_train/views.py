@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import Example, load_image
+from .data import Example, image_size, load_image
 
 # App. B.4 of the paper (its exact wording was lost in the text extraction; this restates it): reasoning
 # inside <reason>...</reason>, then the final answer.
@@ -42,6 +42,18 @@ class PromptBuilder:
     def render(self, question: str, with_image: bool) -> str:
         return self.processor.apply_chat_template(self.messages(question, with_image), tokenize=False,
                                                   add_generation_prompt=True)
+
+    def prompt_lengths(self, examples: list[Example]) -> list[int]:
+        """Tokens of each image-view prompt, without decoding any image: the text's tokens with the image
+        placeholder counted as the processor will expand it for the image's size (read from its header)."""
+        texts = [self.render(ex.question, with_image=True) for ex in examples]
+        n_text = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        count = getattr(self.processor, "_get_num_multimodal_tokens", None)
+        if count is None:  # a processor that cannot count: encode each prompt with its image
+            return [int(self.encode([ex], with_image=True)["attention_mask"].sum()) for ex in examples]
+        sizes = [image_size(ex.image) for ex in examples]
+        n_image = count(image_sizes=[(h, w) for w, h in sizes])["num_image_tokens"]
+        return [t - 1 + i for t, i in zip(n_text, n_image)]  # the one placeholder token becomes i tokens
 
     def encode(self, examples: list[Example], with_image: bool) -> dict:
         texts = [self.render(ex.question, with_image) for ex in examples]
