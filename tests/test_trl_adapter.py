@@ -66,6 +66,8 @@ def test_vgs_distillation_trainer_two_steps(tmp_path, monkeypatch):
             ids = ids[m.bool()].tolist()
             a, b = ids.index(vs), ids.index(ve)
             assert ids[:a] + ids[b + 1:] == tids[tm.bool()].tolist()
+        # lm_head rows beyond the tokenizer are never sampled
+        assert (inputs["completion_ids"][inputs["completion_mask"].bool()] < self.vgs_vocab_size).all()
         calls.append((float(loss.detach()), metrics))
         return loss, metrics, counts
 
@@ -77,6 +79,8 @@ def test_vgs_distillation_trainer_two_steps(tmp_path, monkeypatch):
     def setup(out_dir, n=8):
         nonlocal student_before
         s, t, p, rows = orig_setup(out_dir, n=4)
+        for m in (s, t):  # lm_head rows beyond the tokenizer, as Qwen's 151936 rows for 151669 ids
+            m.resize_token_embeddings(len(p.tokenizer) + 64)
         student_before = {k: v.clone() for k, v in s.state_dict().items()}
         return s, t, p, rows
 
@@ -94,6 +98,41 @@ def test_vgs_distillation_trainer_two_steps(tmp_path, monkeypatch):
     changed = [k for k, v in student_before.items() if not torch.equal(v, after[k])]
     assert any("lm_head" in k or "embed_tokens" in k for k in changed) and any("layers" in k for k in changed)
     assert trainer.vgs_kwargs["gamma"] == 0.41 and trainer.vgs_vocab_size == len(trainer._tokenizer)
+    rows = trainer.model.get_output_embeddings().weight.shape[0]
+    assert rows == trainer.vgs_vocab_size + 64
+    assert set(range(trainer.vgs_vocab_size, rows)) <= set(trainer.generation_config.suppress_tokens)
+
+
+@pytest.mark.skipif(TRL_ERR is not None, reason=str(TRL_ERR))
+def test_views_carry_every_multimodal_input_and_refuse_scaled_logits():
+    from types import SimpleNamespace
+
+    import torch
+
+    from vgs_train.integrations.trl import VGSDistillationTrainer, check_plain_logits
+
+    B, P, Q, C = 2, 5, 3, 4
+    inputs = {"prompt_ids": torch.ones(B, P, dtype=torch.long), "prompt_mask": torch.ones(B, P, dtype=torch.long),
+              "completion_ids": torch.full((B, C), 7), "completion_mask": torch.ones(B, C, dtype=torch.long),
+              "text_prompt_ids": torch.ones(B, Q, dtype=torch.long),
+              "text_prompt_mask": torch.ones(B, Q, dtype=torch.long),
+              "pixel_values": torch.randn(8, 3), "image_grid_thw": torch.tensor([[1, 2, 2]] * B),
+              "pixel_attention_mask": torch.ones(B, 4), "token_type_ids": torch.ones(B, P + C, dtype=torch.long),
+              "mm_token_type_ids": torch.ones(B, P + C, dtype=torch.long)}
+    img, txt = VGSDistillationTrainer._views(None, inputs)
+    for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask", "token_type_ids", "mm_token_type_ids"):
+        assert img[k] is inputs[k], k
+    assert not {"pixel_values", "image_grid_thw", "pixel_attention_mask"} & set(txt)
+    assert txt["token_type_ids"].shape == (B, Q + C) and not txt["token_type_ids"].any()
+    assert txt["mm_token_type_ids"].shape == (B, Q + C) and not txt["mm_token_type_ids"].any()
+    assert (img["response_start"], txt["response_start"]) == (P, Q)
+    del inputs["mm_token_type_ids"]
+    with pytest.raises(ValueError, match="mm_token_type_ids"):
+        VGSDistillationTrainer._views(None, inputs)
+    check_plain_logits(SimpleNamespace(logit_scale=None, final_logit_softcapping=None), "student")
+    for attr, value in (("final_logit_softcapping", 30.0), ("logit_scale", 0.5), ("logits_scaling", 4.0)):
+        with pytest.raises(ValueError, match=f"teacher model scales or softcaps its logits.*{attr}"):
+            check_plain_logits(SimpleNamespace(**{attr: value}), "teacher")
 
 
 @pytest.mark.slow

@@ -13,7 +13,13 @@ loss with VGS:
    appended *unchanged* to both prompt views; position ids are computed per view (3-D M-RoPE for the
    image view);
 3. ``vgs_kernels.fused_linear_vgs_loss`` takes them with both lm_head weights (``vocab_size`` = the
-   tokenizer's size, so the lm_head's padding rows are excluded).
+   tokenizer's size: the lm_head's padding rows are excluded from the distributions, and generation never
+   samples them).
+
+The backbone passes run under the accelerator's autocast (``bf16=True`` computes them in bf16; TRL's
+forward redirection bypasses the autocast accelerate puts on the model's own ``forward``); the loss
+computes in fp32. Models whose logits are scaled or softcapped (``logit_scale``, ``logits_scaling``,
+``final_logit_softcapping``, ...) are refused: the kernels take plain ``hidden @ weight.T`` logits.
 
 Multi-process: the loss runs inside the wrapped student's forward (TRL's forward redirection, see
 ``vgs_train.distributed``), the VDS threshold is global (``vds_scope="global"``), and each rank's loss is
@@ -25,6 +31,7 @@ Example: ``examples/trl_vgs.py``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Any
 
@@ -36,19 +43,31 @@ try:
     from trl.trainer.utils import pad
 except ImportError as exc:  # pragma: no cover - depends on the optional extra
     raise ImportError(
-        "vgs_train.integrations.trl needs TRL >= 1.0 (DistillationTrainer): pip install 'vgs-kernels[trl]'"
+        "vgs_train.integrations.trl needs TRL >= 1.16 (DistillationTrainer): pip install 'vgs-kernels[trl]'"
     ) from exc
 
 from vgs_kernels import fused_linear_vgs_loss
 
-from ..distributed import global_counts, prepare_sharded_lm_head, reduce_metrics, run_in_forward
+from ..distributed import (
+    gathered_weight,
+    global_counts,
+    prepare_sharded_lm_head,
+    reduce_metrics,
+    run_in_forward,
+)
 from ..views import position_ids_for
 
 DEFAULT_VGS = dict(mode="vgs", alpha=2.0, beta=0.01, gamma=1.0, quantile=0.7, vds_scope="global",
                    reduction="sequence")
 
-# inputs of the decoder backbone besides ids and mask (what TRL's image view carries)
-_MM_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+# inputs of the decoder backbone besides ids and mask (what TRL's image view carries, as in its own loss)
+_MM_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+            "token_type_ids", "mm_token_type_ids", "image_position_ids")
+# per-token type ids: zeros (text) in the text-only view; the other keys describe the image and are dropped
+_TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
+# config attributes that scale or softcap a model's logits (TRL's loss applies them; the VGS kernels do not)
+_LOGIT_TRANSFORMS = ("logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling",
+                     "final_logit_softcapping")
 
 
 def text_only_prompt(prompt: list[dict]) -> list[dict]:
@@ -61,6 +80,14 @@ def text_only_prompt(prompt: list[dict]) -> list[dict]:
             msg["content"] = [part for part in content if part.get("type") not in ("image", "video")]
         out.append(msg)
     return out
+
+
+def check_plain_logits(text_config, role: str) -> None:
+    """Refuse a model whose logits are not plain ``hidden @ lm_head.weight.T`` (scaled or softcapped)."""
+    bad = {k: getattr(text_config, k) for k in _LOGIT_TRANSFORMS if getattr(text_config, k, None) not in (None, 1, 1.0)}
+    if bad:
+        raise ValueError(f"VGSDistillationTrainer: the {role} model scales or softcaps its logits ({bad}); "
+                         "the VGS kernels take plain hidden @ lm_head.weight.T logits")
 
 
 class VGSDistillationTrainer(DistillationTrainer):
@@ -88,6 +115,19 @@ class VGSDistillationTrainer(DistillationTrainer):
         kw.update(vgs_kwargs or {})
         self.vgs_kwargs = kw
         self.vgs_vocab_size = int(vocab_size or len(self._tokenizer))
+        for role, m in (("student", self.model), ("teacher", self.teacher_model)):
+            check_plain_logits(self.accelerator.unwrap_model(m).config.get_text_config(), role)
+        if self._tokenizer.padding_side != "left":
+            raise ValueError("VGSDistillationTrainer: set processing_class's tokenizer padding_side = 'left' (TRL "
+                             "left-pads the prompts; the views and position ids assume it)")
+        # never sample lm_head rows beyond the tokenizer: the distributions exclude them
+        w = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight
+        rows = int(getattr(w, "ds_shape", w.shape)[0])  # ZeRO-3 keeps the full shape in ds_shape
+        if rows > self.vgs_vocab_size:
+            extra = list(range(self.vgs_vocab_size, rows))
+            suppress = list(self.generation_kwargs.get("suppress_tokens") or []) + extra
+            self.generation_kwargs["suppress_tokens"] = suppress
+            self.generation_config.suppress_tokens = suppress
         prepare_sharded_lm_head(self.model)
 
     # ------------------------------------------------------------------ text-only view
@@ -137,16 +177,14 @@ class VGSDistillationTrainer(DistillationTrainer):
         img = {"input_ids": torch.cat([inputs["prompt_ids"], comp], 1),
                "attention_mask": torch.cat([inputs["prompt_mask"], cmask], 1),
                "response_start": inputs["prompt_ids"].shape[1]}
-        for k in ("pixel_values", "image_grid_thw"):
-            if k in inputs:
-                img[k] = inputs[k]
-        if "mm_token_type_ids" in inputs:  # TRL already extended it over the completion
-            img["mm_token_type_ids"] = inputs["mm_token_type_ids"]
-        else:
-            img["mm_token_type_ids"] = torch.zeros_like(img["input_ids"])
+        img.update({k: inputs[k] for k in _MM_KEYS if inputs.get(k) is not None})  # type ids span the completion
+        if img.get("image_grid_thw") is not None and "mm_token_type_ids" not in img:
+            raise ValueError("the image view has image_grid_thw but no mm_token_type_ids: the M-RoPE positions of "
+                             "the image tokens cannot be computed (use a processor that returns mm_token_type_ids)")
         tids = torch.cat([inputs["text_prompt_ids"], comp], 1)
         txt = {"input_ids": tids, "attention_mask": torch.cat([inputs["text_prompt_mask"], cmask], 1),
-               "mm_token_type_ids": torch.zeros_like(tids), "response_start": inputs["text_prompt_ids"].shape[1]}
+               "response_start": inputs["text_prompt_ids"].shape[1]}
+        txt.update({k: torch.zeros_like(tids) for k in _TYPE_KEYS if k in img})
         return img, txt
 
     def _vgs_in_forward(self, unwrapped_student, inputs):
@@ -155,23 +193,29 @@ class VGSDistillationTrainer(DistillationTrainer):
         mask = inputs["completion_mask"].bool()
         if "tool_mask" in inputs:
             mask = mask & inputs["tool_mask"].bool()
-        hs = self._response_hidden(unwrapped_student, img, C)
-        hsp = self._response_hidden(unwrapped_student, txt, C)
-        self.teacher_model.eval()
-        unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
-        with torch.no_grad():
-            ht, htp = self._forward_redirection(
-                self.teacher_model, unwrapped_teacher,
-                lambda: (self._response_hidden(unwrapped_teacher, img, C),
-                         self._response_hidden(unwrapped_teacher, txt, C)))
+        with self.accelerator.autocast():  # the backbones only: the loss computes in fp32 itself
+            hs = self._response_hidden(unwrapped_student, img, C)
+            hsp = self._response_hidden(unwrapped_student, txt, C)
+            self.teacher_model.eval()
+            unwrapped_teacher = self.accelerator.unwrap_model(self.teacher_model)
+            with torch.no_grad():
+                ht, htp = self._forward_redirection(
+                    self.teacher_model, unwrapped_teacher,
+                    lambda: (self._response_hidden(unwrapped_teacher, img, C),
+                             self._response_hidden(unwrapped_teacher, txt, C)))
         s_head = unwrapped_student.get_output_embeddings()
         t_head = unwrapped_teacher.get_output_embeddings()
+        dev = s_head.weight.device  # with a device_map the backbone may end on another device than the head
 
         def vgs():  # inside the lm_head's own forward too: ZeRO-3 gathers its weight there (and for backward)
-            out = fused_linear_vgs_loss(
-                hs, hsp, s_head.weight, ht.to(hs.device), htp.to(hs.device), t_head.weight.to(hs.device), mask,
-                student_bias=getattr(s_head, "bias", None), teacher_bias=getattr(t_head, "bias", None),
-                vocab_size=self.vgs_vocab_size, **self.vgs_kwargs)
+            with contextlib.ExitStack() as stack:  # the no-grad teacher head, whole (ZeRO-3 / FSDP2 shard it)
+                wt = stack.enter_context(gathered_weight(t_head.weight))
+                bt = getattr(t_head, "bias", None)
+                bt = stack.enter_context(gathered_weight(bt)) if bt is not None else None
+                out = fused_linear_vgs_loss(
+                    hs.to(dev), hsp.to(dev), s_head.weight, ht.to(dev), htp.to(dev), wt.to(dev), mask.to(dev),
+                    student_bias=getattr(s_head, "bias", None), teacher_bias=None if bt is None else bt.to(dev),
+                    vocab_size=self.vgs_vocab_size, **self.vgs_kwargs)
             return out.loss, out
 
         loss, out = run_in_forward(s_head, s_head, vgs)
