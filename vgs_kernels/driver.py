@@ -224,13 +224,18 @@ class LinearSource:
     computed for the others (a frozen lm_head costs no [V, H] buffer and no weight-gradient GEMM).
     """
 
-    def __init__(self, hs, hsp, ws, bs, ht, htp, wt, bt, vocab: int, needs: tuple[bool, bool, bool, bool]):
+    def __init__(self, hs, hsp, ws, bs, ht, htp, wt, bt, vocab: int, needs: tuple[bool, bool, bool, bool],
+                 alias_text: bool = False):
         self.vocab = vocab
         need_hs, need_hsp, need_w, need_b = needs
         need_b = need_b and bs is not None
-        self.need_hidden = {"s": need_hs, "sp": need_hsp}
+        # alias_text: the text streams are the image streams (standard mode without the text view):
+        # their logits are the image streams' (no GEMM) and they never get a gradient
+        self.alias = {"sp": "s", "tp": "t"} if alias_text else {}
+        self.need_hidden = {"s": need_hs, "sp": need_hsp and not alias_text}
         # the logit gradients of both streams feed the weight and bias gradients
-        self.wants = frozenset(k for k, h in self.need_hidden.items() if h or need_w or need_b)
+        self.wants = frozenset(k for k, h in self.need_hidden.items()
+                               if k not in self.alias and (h or need_w or need_b))
         self.hidden = {"s": hs, "sp": hsp, "t": ht, "tp": htp}
         ws_v, wt_v = ws[:vocab], wt[:vocab]
         bs_v = bs[:vocab] if bs is not None else None
@@ -243,10 +248,12 @@ class LinearSource:
         self.grad_bias = torch.zeros(bs.shape, device=bs.device) if need_b else None
 
     def logits(self, idx, streams):
-        return [
-            F.linear(self.hidden[k].index_select(0, idx), self.weight[k], self.bias[k])
-            for k in streams
-        ]
+        out: dict[str, torch.Tensor] = {}
+        for k in streams:
+            src = self.alias.get(k, k)
+            if src not in out:
+                out[src] = F.linear(self.hidden[src].index_select(0, idx), self.weight[src], self.bias[src])
+        return [out[self.alias.get(k, k)] for k in streams]
 
     def backward(self, idx, stream, grad):
         h = self.hidden[stream]

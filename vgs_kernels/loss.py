@@ -14,6 +14,9 @@ from .options import VGSOptions
 from .reference import reference_vgs
 
 STAT_NAMES = ("std", "vis", "lang", "vds")
+# mode="standard" takes None for both text-only streams (skips their lm_head GEMMs; text metrics NaN)
+TEXT_STREAMS_OPTIONAL = True
+TEXT_METRICS = ("vis", "lang", "vds", "gate_fraction", "threshold")
 
 
 @dataclass
@@ -24,7 +27,8 @@ class VGSOutput:
         backends compute each row's KLs in fp64 for fp64 inputs, then sum them in fp32),
         differentiable w.r.t. the student inputs.
     metrics: detached floats: std, vis, lang, vds (means over valid tokens), gate_fraction,
-        threshold (the gate's theta; NaN when it came from a quantile over no tokens).
+        threshold (the gate's theta; NaN when it came from a quantile over no tokens). Without the
+        text-only streams (``mode="standard"`` with None for them) all but std are NaN.
     per_token: with ``return_per_token=True``, detached fp32 tensors shaped like the mask
         ([B, T], or [N] for [N, V] inputs): std, vis, lang, vds, gate (0 on masked tokens).
     """
@@ -61,7 +65,8 @@ def vgs_loss(
     Args:
         student_logits, student_text_logits: [B, T, V] or [N, V], the student with and without
             the image; they receive gradients (returned in their dtype).
-        teacher_logits, teacher_text_logits: [B, T, V'] or [N, V'], no gradient.
+        teacher_logits, teacher_text_logits: [B, T, V'] or [N, V'], no gradient. With
+            ``mode="standard"`` both text-only logits may be None (the loss does not read them).
         mask: [B, T] (or [N]) bool, True = response token that counts; None = all count.
         temperature: softmax temperature tau, a finite number >= 1e-6 (smaller values would
             overflow the finite fp32 stand-in for -inf logits once divided by tau).
@@ -76,6 +81,9 @@ def vgs_loss(
         temperature=temperature, reduction=reduction, vocab_size=vocab_size,
         detach_target_prior=detach_target_prior, return_per_token=return_per_token,
     )
+    text = V.check_text_streams(mode, (V.LOGIT_NAMES[1], V.LOGIT_NAMES[3]), student_text_logits, teacher_text_logits)
+    if not text:  # standard mode without the text view: the image streams stand in (never differentiated)
+        student_text_logits, teacher_text_logits = student_logits, teacher_logits
     logits = (student_logits, student_text_logits, teacher_logits, teacher_text_logits)
     lead = V.check_pairs(V.LOGIT_NAMES, logits, (2, 3))
     V.check_nonempty(V.LOGIT_NAMES, logits, "vocabulary (V=0)")
@@ -93,7 +101,7 @@ def vgs_loss(
         result = reference_vgs(*flat, valid_idx, weights, opts)
     else:
         grad_on = torch.is_grad_enabled()
-        needs = (grad_on and student_logits.requires_grad, grad_on and student_text_logits.requires_grad)
+        needs = (grad_on and student_logits.requires_grad, grad_on and text and student_text_logits.requires_grad)
         holder: dict = {}
         loss = _LogitsFunction.apply(
             student_logits, student_text_logits, teacher_logits, teacher_text_logits,
@@ -102,7 +110,7 @@ def vgs_loss(
         result = holder["result"]
         result.loss = loss
     _check_finite(result, lambda: {n: z.index_select(0, valid_idx) for n, z in zip(V.LOGIT_NAMES, flat)})
-    return _output(result, valid_idx, lead, opts)
+    return _output(result, valid_idx, lead, opts, text)
 
 
 def fused_linear_vgs_loss(
@@ -135,7 +143,9 @@ def fused_linear_vgs_loss(
     """VGS loss from hidden states and lm_head weights, never materialising all [B*T, V] logits.
 
     Args:
-        student_hidden, student_text_hidden: [B, T, H_s] or [N, H_s]; receive gradients.
+        student_hidden, student_text_hidden: [B, T, H_s] or [N, H_s]; receive gradients. With
+            ``mode="standard"`` both text-only hidden states may be None: their two lm_head GEMMs
+            are skipped (the loss does not read them; the text metrics are NaN).
         student_weight: [V, H_s] lm_head weight (receives a gradient, accumulated in fp32);
             student_bias: optional [V], on the weight's device.
         teacher_hidden, teacher_text_hidden: [B, T, H_t] or [N, H_t]; teacher_weight [V', H_t],
@@ -156,6 +166,9 @@ def fused_linear_vgs_loss(
         temperature=temperature, reduction=reduction, vocab_size=vocab_size,
         detach_target_prior=detach_target_prior, return_per_token=return_per_token,
     )
+    text = V.check_text_streams(mode, (V.HIDDEN_NAMES[1], V.HIDDEN_NAMES[3]), student_text_hidden, teacher_text_hidden)
+    if not text:  # standard mode without the text view: the image streams stand in, computed once
+        student_text_hidden, teacher_text_hidden = student_hidden, teacher_hidden
     hidden = (student_hidden, student_text_hidden, teacher_hidden, teacher_text_hidden)
     lead = V.check_pairs(V.HIDDEN_NAMES, hidden, (2, 3))
     V.check_nonempty(V.HIDDEN_NAMES, hidden, "hidden size (H=0)")
@@ -184,13 +197,14 @@ def fused_linear_vgs_loss(
         grad_on = torch.is_grad_enabled()
         # (hidden, text hidden, weight, bias): each gets a gradient only when it requires one
         needs = tuple(
-            grad_on and t is not None and t.requires_grad for t in (student_hidden, student_text_hidden, ws, bs)
+            grad_on and t is not None and t.requires_grad
+            for t in (student_hidden, student_text_hidden if text else None, ws, bs)
         )
         chunk = chunk_size or default_chunk_size(valid_idx.numel(), vocab, student_hidden.device, be.chunk_temps)
         holder: dict = {}
         loss = _LinearFunction.apply(
             student_hidden, student_text_hidden, ws, bs, teacher_hidden, teacher_text_hidden, wt, bt,
-            valid_idx, weights, opts, be.rows_fn, needs, chunk, holder,
+            valid_idx, weights, opts, be.rows_fn, needs, chunk, not text, holder,
         )
         result = holder["result"]
         result.loss = loss
@@ -200,7 +214,7 @@ def fused_linear_vgs_loss(
         **({"student_bias": bs} if bs is not None else {}),
         **({"teacher_bias": bt} if bt is not None else {}),
     })
-    return _output(result, valid_idx, lead, opts)
+    return _output(result, valid_idx, lead, opts, text)
 
 
 class _LogitsFunction(torch.autograd.Function):
@@ -234,7 +248,8 @@ class _LinearFunction(torch.autograd.Function):
     """Loss and hidden/weight/bias gradients in one forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hs, hsp, ws, bs, ht, htp, wt, bt, valid_idx, weights, opts, rows_fn, needs, chunk, holder):
+    def forward(ctx, hs, hsp, ws, bs, ht, htp, wt, bt, valid_idx, weights, opts, rows_fn, needs, chunk, alias_text,
+                holder):
         flat = [h.reshape(-1, h.shape[-1]) for h in (hs, hsp, ht, htp)]
         # The GEMMs run in the hidden states' dtype (weights cast once if they differ).
         ws_c = ws.to(hs.dtype)
@@ -242,7 +257,7 @@ class _LinearFunction(torch.autograd.Function):
         bs_c = None if bs is None else bs.to(hs.dtype)
         bt_c = None if bt is None else bt.to(ht.dtype)
         source = LinearSource(
-            flat[0], flat[1], ws_c, bs_c, flat[2], flat[3], wt_c, bt_c, opts.vocab_size, needs
+            flat[0], flat[1], ws_c, bs_c, flat[2], flat[3], wt_c, bt_c, opts.vocab_size, needs, alias_text
         )
         with torch.autocast(device_type=hs.device.type, enabled=False):
             holder["result"] = result = run_vgs(
@@ -264,7 +279,7 @@ class _LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         saved = iter(ctx.saved_tensors)
         out = [(g := next(saved)) * grad_loss.to(g.dtype) if has else None for has in ctx.has]
-        return (*out, None, None, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -280,13 +295,17 @@ def _check_finite(result: DriverResult, rows_by_name) -> None:
         V.raise_non_finite(rows_by_name())
 
 
-def _output(result: DriverResult, valid_idx: torch.Tensor, lead: tuple[int, ...], opts: VGSOptions) -> VGSOutput:
+def _output(
+    result: DriverResult, valid_idx: torch.Tensor, lead: tuple[int, ...], opts: VGSOptions, text: bool = True
+) -> VGSOutput:
     n_valid = valid_idx.numel()
     summary = torch.cat([result.stats.sum(0), result.gate.sum().reshape(1)]).tolist()
     denom = max(n_valid, 1)
     metrics = {name: summary[i] / denom for i, name in enumerate(STAT_NAMES)}
     metrics["gate_fraction"] = summary[4] / denom
     metrics["threshold"] = float(result.theta)
+    if not text:
+        metrics.update(dict.fromkeys(TEXT_METRICS, float("nan")))
     per_token = None
     if opts.return_per_token:
         n = 1
@@ -297,5 +316,7 @@ def _output(result: DriverResult, valid_idx: torch.Tensor, lead: tuple[int, ...]
         for k, col in columns.items():
             full = torch.zeros(n, device=valid_idx.device)
             full[valid_idx] = col.detach().float()
+            if not text and k != "std":
+                full.fill_(float("nan"))
             per_token[k] = full.view(lead)
     return VGSOutput(loss=result.loss, metrics=metrics, per_token=per_token)

@@ -40,10 +40,10 @@ class VGSLoss(nn.Module):
     def forward(
         self,
         student_hidden: torch.Tensor,
-        student_text_hidden: torch.Tensor,
+        student_text_hidden: torch.Tensor | None,
         student_weight: torch.Tensor,
         teacher_hidden: torch.Tensor,
-        teacher_text_hidden: torch.Tensor,
+        teacher_text_hidden: torch.Tensor | None,
         teacher_weight: torch.Tensor,
         mask: torch.Tensor | None = None,
         student_bias: torch.Tensor | None = None,

@@ -44,6 +44,19 @@ def check_pairs(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], dims:
     return tuple(s.shape[:-1])
 
 
+def check_text_streams(mode: str, names: tuple[str, str], student_text: object, teacher_text: object) -> bool:
+    """Whether the text-only (image-free) streams are given. Both may be None with ``mode="standard"``,
+    whose loss does not read them (only the vis / lang / vds metrics do)."""
+    missing = [n for n, t in zip(names, (student_text, teacher_text)) if t is None]
+    if not missing:
+        return True
+    if mode != "standard" or len(missing) == 1:
+        why = (f"mode={mode!r} needs the text-only view" if mode != "standard"
+               else "pass both text-only streams or neither")
+        raise ValueError(f"{' and '.join(missing)} is None: {why} (None is allowed for both in mode='standard')")
+    return False
+
+
 def check_nonempty(names: tuple[str, ...], tensors: tuple[torch.Tensor, ...], what: str) -> None:
     """The last dim of each tensor (the vocabulary of logits, the hidden size of hidden states)
     must not be empty; ``what`` names it, e.g. ``"vocabulary (V=0)"``."""
