@@ -11,12 +11,13 @@ Peak memory, what it measures:
   PyTorch's caching allocator (the allocator's reserved-but-free cache is not counted).
 * CPU: the PyTorch profiler's allocator events (``profile_memory=True``): every allocation and free
   made through c10's CPU allocator (all ATen tensors, including those a C++ extension allocates with
-  ATen), summed in time order; the peak of that running sum is the bytes held on top of what was
-  live before the call. Allocations made with raw ``malloc``/``new`` inside a C++ extension, and
-  tensors allocated on worker threads other than the calling one, are not seen. As a coarse
-  cross-check we also record the growth of the process's peak resident set (VmHWM, reset through
-  ``/proc/self/clear_refs`` before the call), which sees every allocation that touched pages,
-  including the allocator's (glibc's) own behaviour.
+  ATen) on the calling thread, summed in time order; the peak of that running sum is the bytes held
+  on top of what was live before the call. Events are kept only when their thread id is the one of
+  a marker ``record_function`` opened around the call on the calling thread (the profiler reports
+  allocations only from threads that carry its thread-local state; any from other threads are
+  counted in ``other_thread_memory_events`` and left out of the peak). Allocations made with raw
+  ``malloc``/``new`` inside a C++ extension are not seen. The process's resident set is not used:
+  measured around the profiler it would include the profiler's own event buffers.
 """
 
 from __future__ import annotations
@@ -168,6 +169,32 @@ def shared_machine_note() -> list[str]:
     return []
 
 
+# ----------------------------------------------------------------------------- standard-OPD baseline
+def text_streams_optional() -> bool:
+    """True when vgs_kernels' ``mode="standard"`` takes None for the two text-only streams (and then
+    skips their lm_head GEMMs): ``vgs_kernels.loss.TEXT_STREAMS_OPTIONAL``."""
+    try:
+        from vgs_kernels import loss
+    except Exception:  # noqa: BLE001
+        return False
+    return bool(getattr(loss, "TEXT_STREAMS_OPTIONAL", False))
+
+
+def standard_text_streams(student, teacher):
+    """The (student_text, teacher_text) arguments of a ``mode="standard"`` call, the standard-OPD
+    baseline: None where the API allows it (no text-only work at all), else the image-conditioned
+    ``student`` / ``teacher`` streams standing in (older vgs_kernels required four streams)."""
+    return (None, None) if text_streams_optional() else (student, teacher)
+
+
+def standard_text_streams_note() -> str:
+    """How the standard-OPD baseline was called, for the results JSON."""
+    if text_streams_optional():
+        return "None (mode='standard' without text-only streams: their lm_head GEMMs are skipped)"
+    return ("the image-conditioned streams passed again as the text-only streams (this vgs_kernels has no "
+            "TEXT_STREAMS_OPTIONAL; its standard mode still runs the two text-only lm_head GEMMs)")
+
+
 # ----------------------------------------------------------------------------- timing
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -200,37 +227,8 @@ def time_fn(fn: Callable[[], None], setup: Callable[[], None] | None, device: to
 
 
 # ----------------------------------------------------------------------------- memory
-def _rss_hwm_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def _reset_rss_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _rss_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-CPU_MEMORY_METHOD = ("torch.profiler allocator events (c10 CPU allocator, calling thread), peak of the "
-                     "running sum of allocations minus frees during the call; rss_hwm: growth of VmHWM")
+CPU_MEMORY_METHOD = ("torch.profiler allocator events (c10 CPU allocator), filtered to the calling thread, "
+                     "peak of the running sum of allocations minus frees during the call")
 CUDA_MEMORY_METHOD = "torch.cuda.max_memory_allocated() during the call minus memory_allocated() before it"
 
 
@@ -248,25 +246,30 @@ def peak_memory(fn: Callable[[], None], setup: Callable[[], None] | None, device
         peak = torch.cuda.max_memory_allocated(device) - base
         return {"peak_bytes": int(peak), "method": "cuda.max_memory_allocated"}
 
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-    rss0 = _rss_bytes()
-    reset_ok = _reset_rss_hwm()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    hwm = _rss_hwm_bytes()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
+        with record_function(_MARKER):
+            fn()
+    events = list(prof.profiler.kineto_results.events())
+    tids = {e.start_thread_id() for e in events if e.name() == _MARKER}
+    if len(tids) != 1:
+        raise RuntimeError(f"peak_memory: expected one {_MARKER!r} profiler event, found thread ids {tids}")
+    tid = tids.pop()
+    mem = [e for e in events if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    other = sum(1 for e in mem if e.start_thread_id() != tid)
+    mem = sorted((e for e in mem if e.start_thread_id() == tid), key=lambda e: e.start_ns())
     cur = peak = 0
-    for e in events:
-        if e.device_type() != torch.autograd.DeviceType.CPU:
-            continue
+    for e in mem:
         cur += e.nbytes()
         peak = max(peak, cur)
     out = {"peak_bytes": int(peak), "method": "profiler.cpu_allocator"}
-    if reset_ok and hwm is not None and rss0 is not None:
-        out["rss_hwm_delta_bytes"] = int(max(0, hwm - rss0))
+    if other:
+        out["other_thread_memory_events"] = other
     return out
+
+
+_MARKER = "benchmarks.peak_memory.call"
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -308,6 +311,33 @@ def fmt_time(s: float | None) -> str:
     if s >= 1e-3:
         return f"{s * 1e3:.1f} ms"
     return f"{s * 1e6:.0f} us"
+
+
+def repeats_of(rec: dict | None) -> int | None:
+    """Timed runs behind a result: its ``n``, else the length of its ``times_s`` / ``samples``
+    (result files written before ``n`` was recorded), else None (unknown)."""
+    if not rec:
+        return None
+    if isinstance(rec.get("n"), int):
+        return rec["n"]
+    for key in ("times_s", "samples"):
+        if isinstance(rec.get(key), list):
+            return len(rec[key])
+    return None
+
+
+def n_str(n: int | None) -> str:
+    """A repeat count for a table cell: the number, or ``?`` when a result file does not say."""
+    return "?" if n is None else str(n)
+
+
+def fmt_n(n: int | None) -> str:
+    return f"n={n_str(n)}"
+
+
+def fmt_time_n(s: float | None, n: int | None) -> str:
+    """A median time with the number of timed runs behind it: ``1.51 s (n=5)`` (``n=?`` if unknown)."""
+    return "-" if s is None else f"{fmt_time(s)} ({fmt_n(n)})"
 
 
 def fmt_bytes(b: float | None) -> str:

@@ -1,6 +1,6 @@
 """The compiled `cpu` row kernel (vgs_kernels._C) against the chunked `torch` backend and `reference`.
 
-    python -m benchmarks.cpu_rows [--repeats 3] [--quick] [--no-reference] [--no-loss]
+    python -m benchmarks.cpu_rows [--repeats 5] [--min-repeats 5] [--quick] [--no-reference] [--no-loss]
 
 Two measurements per shape (fp32 logits, all rows valid):
 
@@ -11,10 +11,11 @@ Two measurements per shape (fp32 logits, all rows valid):
 * ``vgs_loss``: the public ``vgs_loss`` forward + backward (mode ``vgs``, defaults otherwise) with
   ``backend`` = ``cpu``, ``torch`` and ``reference``: driver, gate pass and gradient scatter included.
 
-Times are medians of ``--repeats`` timed calls (after a warm-up on a small shape). Peak memory is
-``benchmarks.common.peak_memory``: the peak of the running sum of c10 CPU-allocator allocations minus
-frees during one call (PyTorch profiler events, calling thread), i.e. the bytes the call held on top
-of its inputs; the growth of the process's peak RSS (VmHWM) is recorded beside it as a cross-check.
+Times are medians of ``n`` timed calls (after a warm-up on a small shape): ``--repeats`` of them,
+or fewer, but at least ``--min-repeats``, once ``--budget-s`` seconds have passed; ``n`` is in every
+result and in the printed table. Peak memory is ``benchmarks.common.peak_memory``: the peak of the
+running sum of c10 CPU-allocator allocations minus frees made on the calling thread during one call
+(PyTorch profiler events), i.e. the bytes the call held on top of its inputs.
 Results go to ``benchmarks/results/cpu_rows-cpu.json``.
 """
 
@@ -70,8 +71,8 @@ def loss_call(backend: str, z):
 
 
 def _measure(fn, args, device) -> dict:
-    t = common.time_fn(fn, None, device, warmup=0, repeats=args.repeats, min_repeats=1,
-                       budget_s=args.budget_s)
+    t = common.time_fn(fn, None, device, warmup=0, repeats=args.repeats,
+                       min_repeats=min(args.min_repeats, args.repeats), budget_s=args.budget_s)
     m = common.peak_memory(fn, None, device)
     common.free_memory(device)
     return {**t, **m}
@@ -88,7 +89,7 @@ def _reference(z, n: int, args, device) -> dict:
     if projected < 0.5 * avail:
         return _measure(loss_call("reference", z), args, device)
     k = n / sub
-    return {"median_s": part["median_s"] * k, "peak_bytes": int(part["peak_bytes"] * k),
+    return {"median_s": part["median_s"] * k, "peak_bytes": int(part["peak_bytes"] * k), "n": part["n"],
             "measured_rows": sub, "measured": part,
             "note": f"measured on {sub} of {n} rows and scaled x{k:g}: the full run would need "
                     f"~{common.fmt_bytes(projected)} of {common.fmt_bytes(avail)} available"}
@@ -96,14 +97,19 @@ def _reference(z, n: int, args, device) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--budget-s", type=float, default=60.0, help="stop repeating after this many seconds")
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (default %(default)s)")
+    p.add_argument("--min-repeats", type=int, default=None,
+                   help="timed calls before --budget-s may stop a measurement (default 5; --quick 1)")
+    p.add_argument("--budget-s", type=float, default=60.0, help="stop repeating after this many seconds "
+                   "(once --min-repeats calls are done)")
     p.add_argument("--quick", action="store_true", help="smaller N (a smoke run)")
     p.add_argument("--no-reference", action="store_true", help="skip the materialised reference")
     p.add_argument("--no-loss", action="store_true", help="only the row kernels")
     p.add_argument("--note", action="append")
     p.add_argument("--out", default=str(common.RESULTS_DIR / "cpu_rows-cpu.json"))
     args = p.parse_args(argv)
+    if args.min_repeats is None:
+        args.min_repeats = 1 if args.quick else 5
 
     status = backends()["cpu"]
     if status != "available":
@@ -116,6 +122,8 @@ def main(argv=None) -> int:
     result["extension"] = {"cpu_isa": extension.CPU_ISA, "with_cuda": extension.WITH_CUDA}
     result["memory_method"] = common.CPU_MEMORY_METHOD
     result["dtype"] = "float32"
+    result["timing"] = {"repeats": args.repeats, "min_repeats": min(args.min_repeats, args.repeats),
+                        "budget_s": args.budget_s, "statistic": "median of n timed calls ('n' in every result)"}
     result["cases"] = []
     cpu_rows, torch_rows = resolve("cpu", device).rows_fn, resolve("torch", device).rows_fn
 
@@ -133,16 +141,16 @@ def main(argv=None) -> int:
         case = {"N": n, "V": v, "chunk_rows": chunk, "input_bytes": 4 * n * v * 4, "rows": {}, "vgs_loss": {}}
         for name, fn in (("cpu", cpu_rows), ("torch", torch_rows)):
             case["rows"][name] = r = _measure(rows_call(fn, z, coef, chunk), args, device)
-            print(f"N={n} V={v} rows     {name:9s} {common.fmt_time(r['median_s']):>9s}  "
+            print(f"N={n} V={v} rows     {name:9s} {common.fmt_time(r['median_s']):>9s} (n={r['n']})  "
                   f"peak {common.fmt_bytes(r['peak_bytes'])}", flush=True)
         if not args.no_loss:
             for be in ("cpu", "torch"):
                 case["vgs_loss"][be] = r = _measure(loss_call(be, z), args, device)
-                print(f"N={n} V={v} vgs_loss {be:9s} {common.fmt_time(r['median_s']):>9s}  "
+                print(f"N={n} V={v} vgs_loss {be:9s} {common.fmt_time(r['median_s']):>9s} (n={r['n']})  "
                       f"peak {common.fmt_bytes(r['peak_bytes'])}", flush=True)
             if not args.no_reference:
                 case["vgs_loss"]["reference"] = r = _reference(z, n, args, device)
-                print(f"N={n} V={v} vgs_loss reference {common.fmt_time(r['median_s']):>9s}  "
+                print(f"N={n} V={v} vgs_loss reference {common.fmt_time(r['median_s']):>9s} (n={r['n']})  "
                       f"peak {common.fmt_bytes(r['peak_bytes'])}{'  (' + r['note'] + ')' if 'note' in r else ''}",
                       flush=True)
         rt = case["rows"]
@@ -156,7 +164,7 @@ def main(argv=None) -> int:
         common.free_memory(device)
         for kind, table in (("rows", rt), ("vgs_loss", lt)):
             for be, r in table.items():
-                lines.append([f"{n} x {v}", kind, be, common.fmt_time(r.get("median_s")),
+                lines.append([f"{n} x {v}", kind, be, common.fmt_time_n(r.get("median_s"), common.repeats_of(r)),
                               common.fmt_bytes(r.get("peak_bytes")),
                               common.fmt_ratio(r["median_s"] / table["cpu"]["median_s"])
                               if "median_s" in r and "median_s" in table.get("cpu", {}) else "-"])
@@ -164,7 +172,7 @@ def main(argv=None) -> int:
     result["machine_state_end"] = common.machine_state()
     path = common.write_json(common.Path(args.out), result)
     print()
-    print(common.table(lines, ["N x V (fp32)", "what", "backend", "median time", "peak memory",
+    print(common.table(lines, ["N x V (fp32)", "what", "backend", "median time (n)", "peak memory",
                                "time / cpu"]))
     print(f"\ncpu kernel: {extension.CPU_ISA}, {torch.get_num_threads()} threads; written {path}")
     return 0

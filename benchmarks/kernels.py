@@ -3,20 +3,27 @@
     python -m benchmarks.kernels            # GPU shapes when CUDA is present, CPU shapes otherwise
     python -m benchmarks.kernels --quick    # CI-sized (seconds)
 
-Cases, each timed as one forward + backward (inputs and weights allocated beforehand, gradients
-cleared outside the timed region):
+Cases, each timed as one forward + backward. Per B*T, inputs and weights are allocated once and
+each case is built once (its closure, and for the GEMM floors their output buffers, allocated and
+touched before any timed run); the closures are reused by every warm-up, memory and timed run, and
+the inputs' ``.grad`` is set to None before each run, outside the timed region:
 
 * ``vgs:<backend>``: ``fused_linear_vgs_loss(mode="vgs")`` for every backend of
   ``vgs_kernels.backends()`` available on the device (``reference`` materialises all logits;
   ``triton`` on CPU would be the interpreter and is not benchmarked);
-* ``std:<auto backend>``: the same kernel in ``mode="standard"`` (standard OPD through our code);
+* ``std:<auto backend>``: the same kernel in ``mode="standard"`` (standard OPD through our code),
+  with None for the two text-only hidden streams (no text-only GEMMs; with a vgs_kernels that still
+  needs four streams, the image-conditioned ones are passed again -- the JSON's
+  ``standard_text_streams`` says which);
 * ``liger:chunked``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (``liger_kernel.chunked_loss``) with
   ``beta=1`` (reverse KL), ``weight_hard_loss=0``, ``weight_soft_loss=1`` -- the standard-OPD anchor;
 * ``liger:triton``: Liger-Kernel's ``LigerFusedLinearJSD`` (``liger_kernel.transformers``, Triton
   kernels) with ``jsd_beta=1``; CUDA only (on CPU Triton needs its interpreter);
 * ``torch_rkl``: plain PyTorch reverse KL(student || teacher) on materialised fp32 logits, autograd;
 * ``gemm_floor:vgs`` / ``gemm_floor:opd``: the loss's matmuls alone, in the input dtype, in large
-  row chunks into preallocated buffers. VGS: 4 forward GEMMs (zs, zsp with H_s; zt, ztp with H_t),
+  row chunks into buffers allocated (and zeroed) when the case is built, shared by the three floor
+  cases of a B*T (they stay allocated through the B*T's interleaved timed rounds: 3 x chunk x V
+  in the input dtype, 7.5 GB at the GPU default of 8192 rows, V = 151936, bf16). VGS: 4 forward GEMMs (zs, zsp with H_s; zt, ztp with H_t),
   the 2 backward GEMMs of zs (grad_hidden, grad_weight) on every row and the 2 of zsp on the gated
   30 % of rows (the language term has a gradient only there) -- the minimal set. OPD: 2 forward +
   2 backward. ``gemm_floor:vgs-driver``: the minimal set plus the forward GEMMs of zsp and ztp that
@@ -36,7 +43,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +54,10 @@ GPU_SHAPES = dict(bts=[1024, 4096, 8192, 16384, 32768], hs=2048, ht=4096, vocab=
 CPU_SHAPES = dict(bts=[512, 1024, 2048, 4096], hs=256, ht=512, vocab=32000, dtype="float32")
 QUICK_GPU = dict(bts=[512, 1024], hs=2048, ht=4096, vocab=151936, dtype="bfloat16")
 QUICK_CPU = dict(bts=[64, 128], hs=32, ht=64, vocab=2048, dtype="float32")
+
+# Timed runs per case and B*T: full runs make at least FULL_MIN_REPEATS (up to FULL_REPEATS while the
+# per-case budget lasts); --quick is a smoke run.
+FULL_REPEATS, FULL_MIN_REPEATS, QUICK_REPEATS = 7, 5, 2
 
 GATED_FRACTION = 0.3  # 1 - quantile 0.7: rows whose language term has a gradient in mode="vgs"
 MEM_TARGET_BT = {"cuda": 8192, "cpu": 4096}
@@ -70,6 +81,8 @@ class Inputs:
     htp: torch.Tensor
     wt: torch.Tensor
     labels: torch.Tensor
+    # Work buffers that cases built on these inputs share (the GEMM floors' outputs), freed with them.
+    scratch: dict = field(default_factory=dict)
 
     def clear_grads(self) -> None:
         for t in (self.hs, self.hsp, self.ws):
@@ -111,13 +124,19 @@ def _vgs_case(backend: str, mode: str = "vgs") -> Case:
     from vgs_kernels import fused_linear_vgs_loss
 
     def build(x: Inputs):
+        # Standard OPD has no text-only streams: None where the API allows it (see module doc).
+        hsp, htp = (x.hsp, x.htp) if mode == "vgs" else C.standard_text_streams(x.hs, x.ht)
+
         def fn():
-            out = fused_linear_vgs_loss(x.hs, x.hsp, x.ws, x.ht, x.htp, x.wt, mode=mode, backend=backend)
+            out = fused_linear_vgs_loss(x.hs, hsp, x.ws, x.ht, htp, x.wt, mode=mode, backend=backend)
             out.loss.backward()
         return fn
 
     group = "vgs" if mode == "vgs" else "std"
     desc = f"vgs_kernels.fused_linear_vgs_loss(mode={mode!r}, backend={backend!r}), fwd+bwd"
+    if mode != "vgs":
+        desc += (", text-only streams None" if C.text_streams_optional()
+                 else ", image streams passed as the text-only streams")
     return Case(f"{group}:{backend}", group, desc, build)
 
 
@@ -172,15 +191,24 @@ def _gemm_floor_case(kind: str, chunk_rows: int) -> Case:
     def build(x: Inputs):
         n, vocab = x.hs.shape[0], x.ws.shape[0]
         rows = min(n, chunk_rows)
-        dev, dt = x.hs.device, x.hs.dtype
+        dev = x.hs.device
         ws, wt = x.ws.detach(), x.wt
         hs, hsp, ht, htp = x.hs.detach(), x.hsp.detach(), x.ht, x.htp
-        buf_s = torch.empty(rows, vocab, device=dev, dtype=dt)
-        buf_sp = torch.empty(rows, vocab, device=dev, dtype=dt) if kind != "opd" else None
-        buf_t = torch.empty(rows, vocab, device=dev, dtype=dt)
-        gh_s = torch.empty_like(hs)
-        gh_sp = torch.empty_like(hsp)
-        gw = torch.zeros_like(ws)
+
+        def buf(name, shape, like):
+            # Allocated and zeroed here, outside any timed region (no first-touch page faults in a
+            # timed run), and shared by the floor cases of these inputs (they never run at once).
+            key = ("gemm_floor", name, tuple(shape))
+            if key not in x.scratch:
+                x.scratch[key] = torch.zeros(shape, device=dev, dtype=like.dtype)
+            return x.scratch[key]
+
+        buf_s = buf("s", (rows, vocab), hs)
+        buf_sp = buf("sp", (rows, vocab), hs) if kind != "opd" else None
+        buf_t = buf("t", (rows, vocab), ht)
+        gh_s = buf("gh_s", tuple(hs.shape), hs)
+        gh_sp = buf("gh_sp", tuple(hsp.shape), hsp) if kind != "opd" else None
+        gw = buf("gw", tuple(ws.shape), ws)
 
         def fn():
             gw.zero_()
@@ -305,8 +333,9 @@ def anchor_check(shapes, dtype, device, cases) -> dict:
     x = make_inputs(64, shapes["hs"], shapes["ht"], shapes["vocab"], dtype, device, seed=123)
     vals = {}
     auto = _auto_backend(device)
+    hsp, htp = C.standard_text_streams(x.hs, x.ht)
     attempts = {
-        f"std:{auto}": lambda: fused_linear_vgs_loss(x.hs, x.hsp, x.ws, x.ht, x.htp, x.wt, mode="standard",
+        f"std:{auto}": lambda: fused_linear_vgs_loss(x.hs, hsp, x.ws, x.ht, htp, x.wt, mode="standard",
                                                      backend=auto).loss,
         "liger:chunked": lambda: LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=1.0,
                                                          compiled=False)(x.hs, x.ws, x.ht, x.wt, x.labels),
@@ -350,12 +379,16 @@ def run(args) -> dict:
                       "temperature": 1.0},
         timing={"warmup": args.warmup, "repeats": args.repeats, "min_repeats": args.min_repeats,
                 "budget_s_per_case": args.budget, "statistic": "median of repeats (wall clock, synced)",
-                "order": "per B*T: warm-up and one peak-memory run per case, then timed runs with the cases "
-                         "interleaved round by round (order reversed every other round); a case stops after "
-                         "min_repeats runs once its timed runs exceed the budget"},
+                "order": "per B*T: each case built once (closure and work buffers), then its warm-up runs and "
+                         "one peak-memory run; then timed runs of the same closures with the cases interleaved "
+                         "round by round (order reversed every other round); .grad of the inputs set to None "
+                         "before every run, outside the timed region; a case stops after min_repeats runs once "
+                         "its timed runs exceed the budget",
+                "n": "number of timed runs of each cell: 'n' in every result"},
         memory_method=C.CUDA_MEMORY_METHOD if device.type == "cuda" else C.CPU_MEMORY_METHOD,
         backends={k: v for k, v in __import__("vgs_kernels").backends().items()},
         cases={c.name: c.description for c in cases},
+        standard_text_streams=C.standard_text_streams_note(),
         skipped=skipped,
         results=[],
     )
@@ -373,7 +406,8 @@ def run(args) -> dict:
                         weights=weights)
         weights = (x.ws, x.wt)
         recs, live = {}, []
-        # Phase 1, case by case: warm-up runs, then one run for peak memory.
+        fns: dict[str, Callable[[], None]] = {}  # built once per B*T, reused by every run below
+        # Phase 1, case by case: build, warm-up runs, then one run for peak memory.
         for case in cases:
             rec = recs[case.name] = {"bt": bt, "case": case.name, "group": case.group, "wall_s": 0.0}
             guard = _ram_guard(device, case.name, bt, mem_hist)
@@ -390,7 +424,8 @@ def run(args) -> dict:
                 if not args.no_memory:
                     mem = C.peak_memory(fn, x.clear_grads, device)
                     rec.update(mem)
-                    mem_hist[case.name] = (bt, max(mem["peak_bytes"], mem.get("rss_hwm_delta_bytes", 0)))
+                    mem_hist[case.name] = (bt, mem["peak_bytes"])
+                fns[case.name] = fn
                 del fn
                 live.append(case)
             except Exception as exc:  # noqa: BLE001 -- record and go on: one failing case is a result
@@ -407,17 +442,18 @@ def run(args) -> dict:
                 if rec.get("status") or (len(t) >= args.min_repeats and sum(t) > args.budget):
                     continue
                 t0 = time.perf_counter()
+                fn = fns[case.name]
                 try:
-                    fn = case.build(x)
                     x.clear_grads()
                     C.sync(device)
                     t1 = time.perf_counter()
                     fn()
                     C.sync(device)
                     t.append(time.perf_counter() - t1)
-                    del fn
                 except Exception as exc:  # noqa: BLE001
                     _fail(rec, exc, args)
+                    del fns[case.name]  # failed: never run again, let its memory go
+                del fn
                 x.clear_grads()
                 rec["wall_s"] += time.perf_counter() - t0
         for case in cases:
@@ -436,6 +472,7 @@ def run(args) -> dict:
             else:
                 why = rec.get("error") or rec.get("reason") or ""
                 print(f"  B*T={bt:6d} {case.name:22s} {rec.get('status')}: {why[:200]}", flush=True)
+        fns.clear()
         del x
         C.free_memory(device)
     del weights
@@ -484,7 +521,7 @@ def ratios(doc) -> dict:
             v = idx.get((bt, case))
             if not v:
                 continue
-            row = {"bt": bt, "backend": case.split(":", 1)[1], "time_s": v["median_s"],
+            row = {"bt": bt, "backend": case.split(":", 1)[1], "time_s": v["median_s"], "n": C.repeats_of(v),
                    "peak_bytes": v.get("peak_bytes")}
             for lg in ligers:
                 lr = idx.get((bt, lg))
@@ -560,17 +597,18 @@ def print_tables(doc) -> str:
         for n in names:
             r = by.get((bt, n))
             ok = idx.get((bt, n))
-            tr.append(C.fmt_time(ok["median_s"]) if ok else (r["status"] if r else "-"))
+            tr.append(C.fmt_time_n(ok["median_s"], C.repeats_of(ok)) if ok else (r["status"] if r else "-"))
             mr.append(C.fmt_bytes(ok.get("peak_bytes")) if ok else (r["status"] if r else "-"))
         trows.append(tr)
         mrows.append(mr)
-    out.append(f"## Time, median fwd+bwd ({doc['device']['name']}, {doc['shapes']['dtype']})")
+    out.append(f"## Time, median fwd+bwd of n timed runs ({doc['device']['name']}, {doc['shapes']['dtype']})")
     out.append(C.table(trows, head))
-    out.append(f"## Peak memory above inputs ({doc['memory_method']})")
+    out.append(f"## Peak memory above inputs, one run per cell ({doc['memory_method']})")
     out.append(C.table(mrows, head))
     rrows = []
     for row in doc["ratios"]["rows"]:
         rrows.append([str(row["bt"]), row["backend"],
+                      C.fmt_time_n(row["time_s"], row.get("n")),
                       C.fmt_ratio(row.get("time_vs_liger:chunked")), C.fmt_ratio(row.get("time_vs_liger:triton")),
                       _pct(row.get("gemm_floor_fraction")), _pct(row.get("gemm_floor_driver_fraction")),
                       C.fmt_ratio(row.get("mem_vs_liger:chunked")),
@@ -578,7 +616,7 @@ def print_tables(doc) -> str:
                       C.fmt_ratio(row.get("time_vs_own_standard"))])
     out.append("## Ratios (targets: time vs Liger <= 2.0x; GEMM floor >= 65 % (GPU); memory vs Liger <= 1.2x; "
                f"reference memory / VGS >= 8x at B*T = {MEM_TARGET_BT[doc['device']['type']]})")
-    out.append(C.table(rrows, ["B*T", "backend", "time/liger:chunked", "time/liger:triton", "GEMM floor frac",
+    out.append(C.table(rrows, ["B*T", "backend", "time (n)", "time/liger:chunked", "time/liger:triton", "GEMM floor frac",
                                "driver GEMM floor frac",
                                "mem/liger:chunked", "mem/liger:triton", "ref mem/VGS", "vgs/std (own)"]))
     trs = doc["ratios"]["targets"]
@@ -637,8 +675,10 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, help="vocabulary (lm_head rows)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--min-repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per B*T, the most timed runs of a case "
+                   f"(default {FULL_REPEATS}; --quick {QUICK_REPEATS})")
+    p.add_argument("--min-repeats", type=int, default=None, help="timed runs of a case before the budget may stop "
+                   f"it (default {FULL_MIN_REPEATS}; --quick 1); capped at --repeats")
     p.add_argument("--budget", type=float, default=None, help="seconds of timed runs per case before stopping "
                    "early (at least --min-repeats runs)")
     p.add_argument("--floor-chunk", type=int, help="row chunk of the GEMM floor (default 8192 GPU, 1024 CPU)")
@@ -661,11 +701,11 @@ def parse_args(argv=None):
     if args.warmup is None:
         args.warmup = 1
     if args.repeats is None:
-        args.repeats = 2 if args.quick else 5
+        args.repeats = QUICK_REPEATS if args.quick else FULL_REPEATS
     if args.budget is None:
         args.budget = 2.0 if args.quick else 30.0
-    if args.quick:
-        args.min_repeats = 1
+    if args.min_repeats is None:
+        args.min_repeats = 1 if args.quick else FULL_MIN_REPEATS
     args.min_repeats = min(args.min_repeats, args.repeats)
     return args
 

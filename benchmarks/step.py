@@ -21,13 +21,16 @@ One step, per method, timed phase by phase (``torch.cuda.synchronize`` between p
    * ``opd4`` : the four forwards of ``vgs`` but the standard loss -- isolates the cost of the loss.
 3. ``loss_backward``: ``fused_linear_vgs_loss(mode="standard" | "vgs")`` on the hidden states and the
    lm_head weights, then ``loss.backward()`` through the student (both views for VGS).
-   (``opd`` passes the image-conditioned hidden states for the text-only arguments too: the API
-   takes four streams; in ``mode="standard"`` only the two image-conditioned ones matter.)
+   ``opd`` passes None for the text-only hidden states (``mode="standard"`` does not read them and
+   skips their lm_head GEMMs); with a vgs_kernels that still requires four streams it passes the
+   image-conditioned ones again (the JSON's ``standard_text_streams`` says which). ``opd4`` passes
+   its real text-only hidden states.
 4. ``optimizer``: ``AdamW.step()`` and ``zero_grad(set_to_none=True)``.
 
 Methods alternate within each repeat (order reversed every other repeat); we report medians per
-phase and of the whole step, and the VGS/OPD ratios of the whole step and of the non-generation
-part (forwards + loss/backward + optimizer).
+phase and of the whole step over ``n`` repeats (``n`` in every method's result and table row), and
+the VGS/OPD ratios of the whole step and of the non-generation part (forwards + loss/backward +
+optimizer).
 """
 
 from __future__ import annotations
@@ -254,10 +257,12 @@ class Stepper:
         resp = b.response
         four = method in ("vgs", "opd4")
         hs = response_hidden(s, b.img_prompt, resp, b, True)
-        hsp = response_hidden(s, b.txt_prompt, resp, b, False) if four else hs
+        hsp = response_hidden(s, b.txt_prompt, resp, b, False) if four else None
         with torch.no_grad():
             ht = response_hidden(t, b.img_prompt, resp, b, True)
-            htp = response_hidden(t, b.txt_prompt, resp, b, False) if four else ht
+            htp = response_hidden(t, b.txt_prompt, resp, b, False) if four else None
+        if not four:  # standard OPD: no text-only streams (see module doc)
+            hsp, htp = C.standard_text_streams(hs, ht)
         t2 = self._t()
         out["forwards"] = t2 - t1
         res = fused_linear_vgs_loss(
@@ -285,7 +290,9 @@ def run(args) -> dict:
     doc = C.header(device, args, "step")
     doc.update(preset=preset_name, config=asdict(p), methods=list(args.methods), phases=list(PHASES),
                timing={"warmup_steps_per_method": args.warmup, "repeats": args.repeats,
-                       "statistic": "median over repeats; methods alternate, order reversed every other repeat"},
+                       "statistic": "median over repeats; methods alternate, order reversed every other repeat",
+                       "n": "timed steps per method: 'n' in every method's result"},
+               standard_text_streams=C.standard_text_streams_note(),
                rollout=("skipped" if args.no_rollout else "timed per method" if args.rollout_per_method
                         else "timed once per repeat and counted in every method's step (identical work)"))
     ids_img = p.prompt_text + p.image_grid[0] * p.image_grid[1] // 4 + 2
@@ -328,6 +335,7 @@ def run(args) -> dict:
     results = {}
     for m, ss in samples.items():
         results[m] = {k: statistics.median(s[k] for s in ss) for k in keys}
+        results[m]["n"] = len(ss)
         results[m]["samples"] = ss
         if m in peak:
             results[m]["peak_memory_bytes"] = peak[m]
@@ -352,6 +360,7 @@ def run(args) -> dict:
             doc["targets"].append({"target": "vgs_step_over_opd", "part": k, "value": v, "bound": "<= 1.10",
                                    "met": bool(v is not None and v <= 1.10),
                                    "ratio_of_medians": doc["ratios"]["vgs_over_opd"][k],
+                                   "n": min(len(samples["vgs"]), len(samples["opd"])),
                                    "statistic": "median over repeats of the per-repeat ratio"})
     doc["machine_state_end"] = C.machine_state()
     return doc
@@ -360,21 +369,22 @@ def run(args) -> dict:
 def print_tables(doc) -> str:
     res = doc["results"]
     keys = (*PHASES, "non_generation", "step")
-    rows = [[m, *(C.fmt_time(res[m][k]) for k in keys),
+    rows = [[m, *(C.fmt_time(res[m][k]) for k in keys), C.n_str(C.repeats_of(res[m])),
              C.fmt_bytes(res[m].get("peak_memory_bytes")) if "peak_memory_bytes" in res[m] else "-"] for m in res]
-    out = [f"## Training step, median per phase ({doc['device']['name']}, preset {doc['preset']}, "
-           f"batch {doc['config']['batch']} x {doc['config']['response']} tokens)",
-           C.table(rows, ["method", *keys, "peak mem"])]
+    out = [f"## Training step, median per phase over n timed steps ({doc['device']['name']}, preset "
+           f"{doc['preset']}, batch {doc['config']['batch']} x {doc['config']['response']} tokens)",
+           C.table(rows, ["method", *keys, "n", "peak mem"])]
     for name, rat in doc["ratios"].items():
         paired = doc["paired_ratios"][name]
         out.append(f"## {name.replace('_', ' ')}")
-        out.append(C.table([[k, C.fmt_ratio(v), C.fmt_ratio(paired[k])] for k, v in rat.items()],
+        n_pairs = min(C.repeats_of(res[m]) or 0 for m in name.split("_over_"))
+        out.append(C.table([[k, C.fmt_ratio(v), f"{C.fmt_ratio(paired[k])} (n={n_pairs})"] for k, v in rat.items()],
                            ["part", "ratio of medians", "median of per-repeat ratios"]))
     if doc["targets"]:
         out.append("## Target: VGS step <= 1.10x the standard-OPD step (median of per-repeat ratios)")
-        out.append(C.table([[t["part"], f"{t['value']:.3f}", f"{t['ratio_of_medians']:.3f}", t["bound"],
-                             "met" if t["met"] else "MISSED"] for t in doc["targets"]],
-                           ["part", "vgs/opd", "(ratio of medians)", "bound", "status"]))
+        out.append(C.table([[t["part"], f"{t['value']:.3f}", f"{t['ratio_of_medians']:.3f}", C.n_str(t.get("n")),
+                             t["bound"], "met" if t["met"] else "MISSED"] for t in doc["targets"]],
+                           ["part", "vgs/opd", "(ratio of medians)", "n", "bound", "status"]))
     text = "\n\n".join(out)
     print(text, flush=True)
     return text
@@ -426,7 +436,8 @@ def parse_args(argv=None):
     p.add_argument("--response", type=int, help="response tokens per prompt")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--repeats", type=int)
+    p.add_argument("--repeats", type=int, help="timed steps per method (default 5 on CUDA, 7 on CPU, 2 with "
+                   "--quick)")
     p.add_argument("--no-rollout", action="store_true", help="skip generation (rollout time 0)")
     p.add_argument("--rollout-per-method", action="store_true",
                    help="generate in every method's step (default: once per repeat, shared by the methods)")
@@ -440,7 +451,7 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     args = p.parse_args(argv)
     if args.repeats is None:
-        args.repeats = 2 if args.quick else (3 if torch.cuda.is_available() else 7)
+        args.repeats = 2 if args.quick else (5 if torch.cuda.is_available() else 7)
     return args
 
 
