@@ -285,24 +285,17 @@ def write_gamma(gamma: float, out_path: str, config_path: str | None = None, alp
     return out_path
 
 
-def _split_config(args_config, overrides):
-    if args_config and "=" in args_config and not args_config.endswith((".yaml", ".yml")):
-        return None, [args_config] + list(overrides)
-    return args_config, list(overrides)
-
-
 def tool_setup(prog: str, args) -> tuple | None:
     """The shared start of ``vgs-calibrate`` and ``vgs-analyze``: config (+ overrides), seed, models,
     prompt rows of ``args.split`` and the parameters selected by ``args.params``.
 
     Returns (config_path, cfg, setup, rows, params), or None after printing the error (exit code 2).
     """
-    import yaml
-
+    from .cli import USER_ERRORS, report_error, split_config
     from .config import load_config
     from .data import load_dataset_rows
 
-    config, overrides = _split_config(args.config, args.overrides)
+    config, overrides = split_config(args.config, args.overrides)
     # bad values and YAML syntax (ValueError), missing files / model folders (OSError): `prog: error: ...`
     try:
         cfg = load_config(config, overrides, check_paths=True)
@@ -310,8 +303,8 @@ def tool_setup(prog: str, args) -> tuple | None:
         s = load_setup(cfg, verbose=not args.quiet)
         rows = load_dataset_rows(s["paths"][args.split] or s["paths"]["train"], cfg.data.image_root)
         params = select_params(s["student"], args.params or None)
-    except (ValueError, OSError, ImportError, yaml.YAMLError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        report_error(prog, e)
         return None
     return config, cfg, s, rows, params
 

@@ -21,9 +21,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 USER_ERRORS = (ValueError, OSError, ImportError, yaml.YAMLError)
 
 
-def _error(prog: str, e) -> int:
+def report_error(prog: str, e) -> int:
+    """Print ``prog: error: e`` and return the exit code 2 (one of ``USER_ERRORS``, not a traceback)."""
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
+
+
+def split_config(config: str | None, overrides) -> tuple[str | None, list[str]]:
+    """The first positional is the config file unless it is an override (``key=value``, not ``*.yaml``)."""
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        return None, [config] + list(overrides)
+    return config, list(overrides)
 
 
 def _is_config_arg(value: str) -> bool:
@@ -62,9 +70,7 @@ def parse_train_args(argv=None) -> argparse.Namespace:
     args = p.parse_intermixed_args(_bare_resume(list(sys.argv[1:] if argv is None else argv)))
     if isinstance(args.resume, str) and args.resume.endswith((".yaml", ".yml")):  # --resume=CONFIG.yaml
         p.error(f"--resume PATH is a checkpoint folder, got {args.resume!r} (write the config before --resume)")
-    args.overrides = list(args.overrides)
-    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
-        args.config, args.overrides = None, [args.config] + args.overrides
+    args.config, args.overrides = split_config(args.config, args.overrides)
     return args
 
 
@@ -75,7 +81,7 @@ def train_main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides, check_paths=True)
     except USER_ERRORS as e:
-        return _error("vgs-train", e)
+        return report_error("vgs-train", e)
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
@@ -84,7 +90,7 @@ def train_main(argv=None) -> int:
     try:
         trainer = Trainer(cfg, resume=args.resume)
     except USER_ERRORS as e:
-        return _error("vgs-train", e)
+        return report_error("vgs-train", e)
     try:
         trainer.train()
     except SystemExit:  # the signal stop: every rank leaves at the same step, after the checkpoint
@@ -124,7 +130,7 @@ def eval_main(argv=None) -> int:
                 raise ValueError(f"{flag} must be >= {lo}, got {v}")
         check_model_path(args.model, "model")
     except ValueError as e:
-        return _error("vgs-eval", e)
+        return report_error("vgs-eval", e)
     import torch
 
     from .data import load_dataset_rows
@@ -140,7 +146,7 @@ def eval_main(argv=None) -> int:
         processor = load_processor(args.model)
         model = load_model(args.model).to(device).eval()
     except USER_ERRORS as e:
-        return _error("vgs-eval", e)
+        return report_error("vgs-eval", e)
     results = {}
     for spec, rows in sets.items():
         results[spec] = evaluate(model, processor, rows, k=args.k, batch_size=args.batch_size,

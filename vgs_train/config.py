@@ -233,6 +233,7 @@ class TrainConfig:
         bad value fails here naming its ``loss.`` key instead of at the first training step."""
         from vgs_kernels.backends import NAMES
         from vgs_kernels.options import VGSOptions
+        from vgs_kernels.validation import check_chunk_size
 
         lc = self.loss
         thr = lc.threshold
@@ -240,16 +241,13 @@ class TrainConfig:
             thr = tuple(_number(x) if _number(x) is not None else x for x in thr)
         elif _number(thr) is not None:
             thr = _number(thr)
-        mode = self.loss_mode
-        if mode is None:  # pure GRPO: no distillation term, the threshold is never used
-            mode, thr = "standard", None
-        g = lc.gamma
-        gamma = g if isinstance(g, (int, float)) and not isinstance(g, bool) else 1.0  # auto / presets: skip
+        kw = self.loss_kwargs()  # gamma already checked by _validate_gamma (auto -> 1.0, presets resolved)
+        kw.pop("chunk_size"), kw.pop("backend")
+        if self.loss_mode is None:  # pure GRPO: no distillation term, the threshold is never used
+            thr = None
         try:
-            VGSOptions(mode=mode, alpha=lc.alpha, beta=lc.beta, gamma=gamma, quantile=lc.quantile,
-                       adaptive_quantiles=tuple(lc.adaptive_quantiles), threshold=thr, vds_scope=lc.vds_scope,
-                       temperature=lc.temperature, reduction=lc.reduction,
-                       detach_target_prior=lc.detach_target_prior)
+            VGSOptions(**{**kw, "threshold": thr})
+            check_chunk_size(lc.chunk_size)
         except ValueError as e:
             msg = str(e)
             key = re.match(r"\w*", msg).group(0)
@@ -262,9 +260,6 @@ class TrainConfig:
             raise ValueError(f"loss: {msg}") from None
         if thr is not None:  # numeric strings (YAML 1.1: 1e-3) as numbers
             lc.threshold = list(thr) if isinstance(thr, tuple) else thr
-        cs = lc.chunk_size
-        if cs is not None and (isinstance(cs, bool) or not isinstance(cs, int) or cs < 1):
-            raise ValueError(f"loss.chunk_size must be a positive integer or null (automatic), got {cs!r}")
         if lc.backend not in NAMES:
             raise ValueError(f"loss.backend must be one of {NAMES}, got {lc.backend!r}")
 

@@ -6,6 +6,7 @@ import re
 
 import torch
 
+from .config import check_eval_k
 from .data import Example
 from .rng import fork_rng
 from .rollout import HFRolloutEngine
@@ -40,8 +41,7 @@ def evaluate(model, processor, examples: list[Example], *, k: int = 4, batch_siz
              seed: int = 0, device=None) -> dict:
     """Greedy Acc@1 and sampled Acc@k (a prompt counts when any of k samples at T=1.0 is correct);
     ``k`` = 0 (greedy only) or >= 2. The global RNG states (CPU and CUDA) are left as they were."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 0 or k == 1:
-        raise ValueError(f"k must be 0 (greedy Acc@1 only) or an integer >= 2 (sampled Acc@k), got {k!r}")
+    check_eval_k(k, "k")
     builder = PromptBuilder(processor, system_prompt)
     tok = builder.tokenizer
     engine = HFRolloutEngine(tok, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,

@@ -60,6 +60,7 @@ from .rollout import ENGINES
 from .views import PromptBuilder, ViewBatch, build_views, four_view_hidden, repeat_prompt
 
 STATE_FILE, MODEL_FILE, OPTIM_FILE = "trainer_state.pt", "model.safetensors", "optimizer.pt"
+GRPO_BUFFER_FILE = "grpo_buffer_rank{rank}.pt"  # a rank's stored rollouts, mid-way through grpo.iterations
 # config keys a resumed run may change; any other difference from the run's config.yaml is refused
 # (a longer run, logging, evaluation, where things are, and settings that change speed but not the numbers)
 RESUME_MAY_CHANGE = ("run.max_steps", "run.log_every", "run.save_every", "run.keep_checkpoints", "run.progress",
@@ -573,9 +574,6 @@ def _rows(weight: torch.Tensor) -> int:
 
 def config_summary(cfg: TrainConfig) -> dict:
     return to_dict(cfg)
-
-
-GRPO_BUFFER_FILE = "grpo_buffer_rank{rank}.pt"
 
 
 def _to_plain(batch: GRPOBatch) -> dict:
