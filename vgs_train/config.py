@@ -99,6 +99,7 @@ class GRPOConfig:
 @dataclass
 class OptimConfig:
     lr: float = 1e-5
+    warmup_steps: int = 0  # linear learning-rate warm-up over the first N optimizer steps, then constant
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -115,6 +116,18 @@ class EvalConfig:
     max_new_tokens: int = 48
     limit: int = 0  # evaluate at most this many rows (0 = all)
     at_end: bool = True
+
+
+@dataclass
+class HealthConfig:
+    """Thresholds of the training-health signals (``vgs_train.health``): warnings, never a stop."""
+
+    window: int = 10  # steps in the moving window the signals are computed on
+    acc_drop: float = 0.5  # warn when windowed rollout accuracy < (1 - acc_drop) x the first window's
+    truncated: float = 0.25  # warn when more than this share of the window's responses hit max_new_tokens
+    #                          (and more than twice the first window's share)
+    std_rise: float = 1.5  # warn when windowed std KL > std_rise x the first window's (and 0.5 nats above it)
+    prior_gap: float = 1.0  # warn when the windowed prior gap exceeds this many nats
 
 
 @dataclass
@@ -138,6 +151,12 @@ class EmbeddedConfig:
     student_sft_lr: float = 3e-3
     sft_batch_size: int = 32
     sft_seed: int = 0
+    # share of each SFT batch trained on the text-only view (the language prior a pretrained VLM has)
+    teacher_sft_text_fraction: float = 0.5
+    student_sft_text_fraction: float = 0.5
+    teacher_sft_label_smoothing: float = 0.0
+    student_sft_label_smoothing: float = 0.0
+    teacher_phrasing_mix: float = 0.2  # share of the teacher's SFT responses in the student's phrasing
 
 
 @dataclass
@@ -150,6 +169,7 @@ class TrainConfig:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
     embedded: EmbeddedConfig = field(default_factory=EmbeddedConfig)
 
     def validate(self, check_paths: bool = False) -> TrainConfig:
@@ -177,7 +197,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name, v in (("run.save_every", self.run.save_every), ("eval.every", self.eval.every),
                         ("eval.limit", self.eval.limit), ("rollout.top_k", self.rollout.top_k),
-                        ("data.max_prompt_length", self.data.max_prompt_length)):
+                        ("data.max_prompt_length", self.data.max_prompt_length),
+                        ("optim.warmup_steps", self.optim.warmup_steps)):
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         check_eval_k(self.eval.k, "eval.k")

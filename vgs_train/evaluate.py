@@ -8,6 +8,7 @@ import torch
 
 from .config import check_eval_k
 from .data import Example
+from .health import truncated_fraction
 from .rng import fork_rng
 from .rollout import HFRolloutEngine
 from .views import PromptBuilder
@@ -38,17 +39,20 @@ def is_correct(completion_text: str, answer: str) -> bool:
 @torch.no_grad()
 def evaluate(model, processor, examples: list[Example], *, k: int = 4, batch_size: int = 64,
              max_new_tokens: int = 48, with_image: bool = True, system_prompt: str | None = None,
-             seed: int = 0, device=None) -> dict:
+             seed: int = 0, device=None, return_completions: bool = False) -> dict:
     """Greedy Acc@1 and sampled Acc@k (a prompt counts when any of k samples at T=1.0 is correct);
-    ``k`` = 0 (greedy only) or >= 2. The global RNG states (CPU and CUDA) are left as they were."""
+    ``k`` = 0 (greedy only) or >= 2. The global RNG states (CPU and CUDA) are left as they were.
+
+    Returns {"n", "acc@1", ["acc@k"], "truncated" (share of greedy responses cut at ``max_new_tokens``),
+    "view", "samples" (the first five), ["completions" (every greedy text, with ``return_completions``)]}."""
     check_eval_k(k, "k")
     builder = PromptBuilder(processor, system_prompt)
     tok = builder.tokenizer
     engine = HFRolloutEngine(tok, max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, top_k=0,
                              vocab_rows=model.get_output_embeddings().weight.shape[0])
     device = device or next(model.parameters()).device
-    greedy_ok, sampled_ok, n = 0, 0, 0
-    samples = []
+    greedy_ok, sampled_ok, n, truncated = 0, 0, 0, 0
+    samples, completions = [], []
     with fork_rng():
         torch.manual_seed(seed)
         for i in range(0, len(examples), batch_size):
@@ -59,6 +63,9 @@ def evaluate(model, processor, examples: list[Example], *, k: int = 4, batch_siz
             texts = tok.batch_decode(ids.masked_fill(~mask, tok.pad_token_id), skip_special_tokens=True)
             ok = [is_correct(t, ex.answer) for t, ex in zip(texts, chunk)]
             greedy_ok += sum(ok)
+            truncated += round(truncated_fraction(ids, engine.eos_ids) * len(chunk))
+            if return_completions:
+                completions += texts
             if len(samples) < 5:
                 samples += [{"question": ex.question, "answer": ex.answer, "greedy": t}
                             for ex, t in zip(chunk, texts)][:5 - len(samples)]
@@ -70,7 +77,10 @@ def evaluate(model, processor, examples: list[Example], *, k: int = 4, batch_siz
                     any_ok = [a or is_correct(t, ex.answer) for a, t, ex in zip(any_ok, stexts, chunk)]
                 sampled_ok += sum(any_ok)
             n += len(chunk)
-    out = {"n": n, "acc@1": greedy_ok / max(n, 1), "view": "image" if with_image else "text", "samples": samples}
+    out = {"n": n, "acc@1": greedy_ok / max(n, 1), "truncated": truncated / max(n, 1),
+           "view": "image" if with_image else "text", "samples": samples}
+    if return_completions:
+        out["completions"] = completions
     if k > 0:
         out[f"acc@{k}"] = sampled_ok / max(n, 1)
     return out

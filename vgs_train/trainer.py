@@ -54,6 +54,7 @@ from .distributed import (
 )
 from .evaluate import evaluate, is_correct
 from .grpo import GRPOBatch, grpo_loss, rollout_groups
+from .health import HealthMonitor, prior_gap, truncated_fraction
 from .modeling import check_same_tokenizer, load_model, load_processor
 from .rewards import get_reward_fn
 from .rollout import ENGINES
@@ -82,6 +83,15 @@ def resolve_paths(cfg: TrainConfig, verbose: bool = True) -> dict:
 
     return {"student": pick(cfg.model.student, "student"), "teacher": pick(cfg.model.teacher, "teacher"),
             "train": pick(cfg.data.train, "train"), "eval": pick(cfg.data.eval, "eval") if cfg.data.eval else ""}
+
+
+def learning_rate(oc, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (0-based): linear warm-up over ``optim.warmup_steps``
+    (AdamW's first updates are its largest relative to the gradient: a cold start at full rate can wreck a
+    small model), then constant (the paper's schedule)."""
+    if oc.warmup_steps and step < oc.warmup_steps:
+        return oc.lr * (step + 1) / oc.warmup_steps
+    return oc.lr
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -153,6 +163,7 @@ class Trainer:
         self.reward_fn = get_reward_fn(cfg.grpo.reward) if cfg.is_grpo else None
         self._grpo_buffer: list = []  # rollout batches reused for grpo.iterations optimizer steps
         self._grpo_uses = 0
+        self.health = HealthMonitor(cfg.health)
         self.step = 0
         self._saved_step = None  # the step of the newest checkpoint on disk (not written twice)
         self._stop_signal = None
@@ -236,7 +247,7 @@ class Trainer:
             return fused_linear_vgs_loss(
                 hs, hsp, self.unwrapped.get_output_embeddings().weight,
                 ht, htp, self.teacher.get_output_embeddings().weight, views.mask,
-                vocab_size=self.vocab_size, **kw)
+                vocab_size=self.vocab_size, return_per_token=True, **kw)
 
         if self.world > 1 or self._sharded:
             # inside the wrapped student's and the lm_head's forward (whole lm_head under FSDP2 / ZeRO-3),
@@ -254,6 +265,8 @@ class Trainer:
         answers = [r.answer for r in rows for _ in range(n)]
         return {"loss": loss.item(), **out.metrics, "gamma": kw["gamma"], "tokens": int(mask.sum()),
                 "response_len": float(mask.sum(1).float().mean()),
+                "truncated": truncated_fraction(completion, self.engine.eos_ids),
+                "prior_gap": prior_gap(out.per_token, views.mask),
                 "rollout_acc": sum(is_correct(t, a) for t, a in zip(texts, answers)) / len(texts),
                 "time_rollout": t1 - t0, "time_forward": t2 - t1, "time_loss_backward": t3 - t2}
 
@@ -282,7 +295,8 @@ class Trainer:
             m["loss"] = float(loss.detach())
         self.accelerator.backward(loss / cfg.optim.grad_accum, **self._backward_kwargs())
         t3 = time.perf_counter()
-        m.update(time_rollout=t_roll, time_forward=t2 - t1, time_loss_backward=t3 - t2)
+        m.update(time_rollout=t_roll, time_forward=t2 - t1, time_loss_backward=t3 - t2,
+                 truncated=truncated_fraction(batch.views.completion_ids, self.engine.eos_ids))
         return m
 
     def train_step(self) -> dict:
@@ -308,6 +322,8 @@ class Trainer:
             self._grpo_uses = (self._grpo_uses + 1) % self.cfg.grpo.iterations
         grad_norm = self.accelerator.clip_grad_norm_(self.student.parameters(), oc.grad_clip) \
             if oc.grad_clip > 0 else torch.tensor(float("nan"))
+        for group in self.optimizer.param_groups:  # a function of the step alone: resume needs no scheduler state
+            group["lr"] = learning_rate(oc, self.step)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -317,7 +333,7 @@ class Trainer:
         m["tokens"] = sum(p["tokens"] for p in parts)
         if self.world > 1:  # token-weighted means of the VGS metrics; the loss is the mean of scaled losses
             m = reduce_metrics(m, weight=m["tokens"], sum_keys=("tokens",),
-                               mean_keys=("loss", "gamma", "response_len", "rollout_acc", "time_rollout",
+                               mean_keys=("loss", "gamma", "response_len", "rollout_acc", "truncated", "time_rollout",
                                           "time_forward", "time_loss_backward"))
         m["step_time"] = time.perf_counter() - t0
         m["tokens_per_s"] = m["tokens"] / max(m["step_time"], 1e-9)
@@ -385,6 +401,7 @@ class Trainer:
                  "grpo_uses": self._grpo_uses}
         if self.auto_gamma is not None:
             state["auto_gamma"] = json.dumps(self.auto_gamma.state_dict())
+        state["health"] = json.dumps(self.health.state_dict())
         torch.save(state, os.path.join(tmp, STATE_FILE))
         old = final + ".old"  # a same-step checkpoint (a resumed older one): moved aside, never deleted first
         if os.path.exists(final):
@@ -425,6 +442,8 @@ class Trainer:
         if self.accelerator.is_main_process:  # lines logged after this checkpoint are logged again
             for log in ("metrics.jsonl", "eval.jsonl"):
                 _truncate_log(os.path.join(self.run_dir, log), self.step)
+        if "health" in st:
+            self.health.load_state_dict(json.loads(st["health"]))
         if self.auto_gamma is not None and "auto_gamma" in st:
             self.auto_gamma.load_state_dict(json.loads(st["auto_gamma"]))
         ranks = st.get("rng_ranks") or [st["rng"]]
@@ -441,7 +460,9 @@ class Trainer:
         self._stop_signal = signum
         signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
 
-    def train(self) -> list[dict]:
+    def train(self, on_step=None) -> list[dict]:
+        """Run to ``run.max_steps``; returns the per-step metrics. ``on_step(metrics, warnings)``, when given,
+        is called after every step with the health warnings raised at it (the caller shows them then)."""
         cfg = self.cfg
         main = self.accelerator.is_main_process
         if main:
@@ -466,7 +487,14 @@ class Trainer:
             with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") if main else _Null() as mf:
                 while self.step < cfg.run.max_steps:
                     m = self.train_step()
+                    flags, warnings = self.health.update(m)
+                    m.update({f"health_{k}": int(v) for k, v in flags.items()})
                     history.append(m)
+                    if on_step is not None:
+                        on_step(m, warnings)
+                    elif main:  # printed even when not verbose: a collapse must be seen
+                        for w in warnings:
+                            (bar.write if bar is not None else print)(f"step {self.step}: {w}")
                     if main and (self.step % cfg.run.log_every == 0 or self.step == cfg.run.max_steps):
                         mf.write(json.dumps(m) + "\n")
                         mf.flush()
