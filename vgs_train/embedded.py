@@ -4,10 +4,12 @@ is saved with ``save_pretrained`` and the trainer loads it by path like any HF m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import time
 
@@ -19,7 +21,8 @@ from .data import Sampler, load_jsonl
 from .rng import fork_rng
 from .views import REASONING_SYSTEM_PROMPT, PromptBuilder, append_completion, response_hidden
 
-PREP_VERSION = 3
+PREP_VERSION = 4
+PREP_THREADS = 1  # preparation runs single-threaded whatever the machine (see ``deterministic``)
 
 
 def build_tokenizer(vocab: str):
@@ -45,9 +48,15 @@ def encode_targets(tokenizer, texts: list[str]):
 
 
 def sft(model, processor, examples, *, steps: int, lr: float, batch_size: int, seed: int,
-        log_every: int = 50, desc: str = "sft") -> list[float]:
-    """Supervised warm-up on the reference responses (image view), cross-entropy on response tokens,
-    AdamW with linear warm-up and cosine decay. Returns the loss per step."""
+        text_fraction: float = 0.0, phrasing: str = "student", phrasing_mix: float = 0.0,
+        label_smoothing: float = 0.0, log_every: int = 50, desc: str = "sft") -> list[float]:
+    """Supervised warm-up on the reference responses, cross-entropy on response tokens, AdamW with linear
+    warm-up and cosine decay. Returns the loss per step.
+
+    Each step's batch is split: a ``text_fraction`` share of its rows are trained on the text-only view
+    (the same question without the image: the model learns the language prior, guessing what it cannot
+    see), the rest on the image view. Responses are in ``phrasing`` (:data:`synthetic.PHRASINGS`), each row
+    in the other phrasing with probability ``phrasing_mix``."""
     builder = PromptBuilder(processor)
     tok = builder.tokenizer
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -55,6 +64,9 @@ def sft(model, processor, examples, *, steps: int, lr: float, batch_size: int, s
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     sampler = Sampler(len(examples), seed)
+    other = "teacher" if phrasing == "student" else "student"
+    rng = random.Random(seed)
+    n_text = round(batch_size * text_fraction)
     model.train()
     losses = []
     t0 = time.time()
@@ -62,12 +74,21 @@ def sft(model, processor, examples, *, steps: int, lr: float, batch_size: int, s
         torch.manual_seed(seed)
         for step in range(steps):
             rows = [examples[i] for i in sampler.next(batch_size)]
-            enc = builder.encode(rows, with_image=True)
-            ids, mask = encode_targets(tok, [r.response for r in rows])
-            inputs = append_completion(enc, ids, mask)
-            h = response_hidden(model, inputs, ids.shape[1])
-            logits = model.get_output_embeddings()(h[mask]).float()
-            loss = torch.nn.functional.cross_entropy(logits, ids[mask])
+            responses = [synthetic.rephrase(r.response, other if rng.random() < phrasing_mix else phrasing)
+                         for r in rows]
+            total, n_tok = 0.0, 0
+            for view_rows, view_resp, with_image in ((rows[n_text:], responses[n_text:], True),
+                                                     (rows[:n_text], responses[:n_text], False)):
+                if not view_rows:
+                    continue
+                enc = builder.encode(view_rows, with_image=with_image)
+                ids, mask = encode_targets(tok, view_resp)
+                h = response_hidden(model, append_completion(enc, ids, mask), ids.shape[1])
+                logits = model.get_output_embeddings()(h[mask]).float()
+                total = total + torch.nn.functional.cross_entropy(logits, ids[mask], reduction="sum",
+                                                                  label_smoothing=label_smoothing)
+                n_tok += int(mask.sum())
+            loss = total / n_tok
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -81,57 +102,147 @@ def sft(model, processor, examples, *, steps: int, lr: float, batch_size: int, s
     return losses
 
 
-def prep_key(cfg: TrainConfig) -> str:
+def versions() -> dict:
+    """Library versions that change what preparation builds (they are part of the cache key)."""
+    import PIL
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "pillow": PIL.__version__}
+
+
+@contextlib.contextmanager
+def deterministic(threads: int = PREP_THREADS):
+    """A fixed thread count and deterministic kernels: the same cache key builds the same models on any
+    machine with these library versions (the thread count changes floating-point reduction order)."""
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+
+
+# The embedded settings each prepared stage depends on (its cache key covers these and the stages before it).
+DATA_KEYS = ("n_train", "n_eval", "image_size", "task_seed")
+MODEL_KEYS = {
+    "teacher": ("tokenizer_vocab", "teacher", "teacher_sft_steps", "teacher_sft_lr", "teacher_sft_text_fraction",
+                "teacher_phrasing_mix", "teacher_sft_label_smoothing", "sft_batch_size", "sft_seed"),
+    "student": ("tokenizer_vocab", "student", "student_sft_steps", "student_sft_lr", "student_sft_text_fraction",
+                "student_sft_label_smoothing", "sft_batch_size", "sft_seed"),
+}
+
+
+def stage_keys(cfg: TrainConfig) -> dict:
+    """Cache keys of the three prepared stages: the task data, the teacher and the student. Each covers the
+    settings it is built from, the stages it reads, the preparation code's version and the library
+    versions (another torch / transformers / pillow may build other models from the same settings)."""
     e = to_dict(cfg.embedded)
-    e.pop("cache_dir", None)
-    blob = json.dumps({"v": PREP_VERSION, "embedded": e}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def key(name, fields, parent=""):
+        blob = json.dumps({"v": PREP_VERSION, "stage": name, "parent": parent, "versions": versions(),
+                           "threads": PREP_THREADS, **{f: e[f] for f in fields}}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    data = key("data", DATA_KEYS)
+    return {"data": data, **{m: key(m, fields, data) for m, fields in MODEL_KEYS.items()}}
 
 
 def prepare_embedded(cfg: TrainConfig, verbose: bool = True) -> dict:
     """Build (or reuse from the cache) the synthetic task, the SFT'd tiny teacher and the warmed-up tiny
-    student. Returns paths: {"root", "train", "eval", "teacher", "student", "info"}."""
-    from .tiny import build_processor, build_tiny_model
-
+    student, each stage cached on its own (changing the student's recipe does not retrain the teacher).
+    Returns paths: {"train", "eval", "teacher", "student"}."""
     e = cfg.embedded
-    root = os.path.join(cfg.cache_dir(), f"embedded-{prep_key(cfg)}")
-    paths = {"root": root, "train": os.path.join(root, "data", "train.jsonl"),
-             "eval": os.path.join(root, "data", "eval.jsonl"), "teacher": os.path.join(root, "teacher"),
-             "student": os.path.join(root, "student"), "info": os.path.join(root, "prep.json")}
-    if os.path.exists(paths["info"]):
+    keys = stage_keys(cfg)
+    cache = cfg.cache_dir()
+    data_dir = os.path.join(cache, f"data-{keys['data']}")
+    paths = {"train": os.path.join(data_dir, "train.jsonl"), "eval": os.path.join(data_dir, "eval.jsonl"),
+             "teacher": os.path.join(cache, f"teacher-{keys['teacher']}"),
+             "student": os.path.join(cache, f"student-{keys['student']}")}
+
+    def write_data(tmp):
+        synthetic.write_task(tmp, e.n_train, e.task_seed, e.image_size, "train")
+        synthetic.write_task(tmp, e.n_eval, e.task_seed + 1, e.image_size, "eval")
+        return {"n_train": e.n_train, "n_eval": e.n_eval}
+
+    _cached_stage(data_dir, "task data", write_data, verbose)
+    for name in ("teacher", "student"):
+        _cached_stage(paths[name], name, lambda tmp, name=name: _train_model(e, name, paths["train"], tmp, verbose),
+                      verbose)
+    return paths
+
+
+def _cached_stage(path: str, what: str, build, verbose: bool) -> None:
+    """Run ``build(tmp_dir) -> info`` unless ``path`` holds a finished stage; written to a temporary folder
+    and renamed, so an interrupted preparation leaves nothing half-built behind."""
+    if os.path.exists(os.path.join(path, "prep.json")):
         if verbose:
-            print(f"embedded default: reusing cached teacher/student/data in {root}", flush=True)
-        return paths
-    os.makedirs(cfg.cache_dir(), exist_ok=True)
-    tmp = root + f".tmp{os.getpid()}"
+            print(f"embedded default: reusing the cached {what} in {path}", flush=True)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _remove_stale_tmp(path)
+    tmp = path + f".tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
     t0 = time.time()
     if verbose:
-        print(f"embedded default: preparing task, teacher and student in {root}", flush=True)
-    synthetic.write_task(os.path.join(tmp, "data"), e.n_train, e.task_seed, e.image_size, "train")
-    synthetic.write_task(os.path.join(tmp, "data"), e.n_eval, e.task_seed + 1, e.image_size, "eval")
+        print(f"embedded default: preparing the {what} in {path}", flush=True)
+    try:
+        with deterministic():
+            info = build(tmp)
+        info.update(time_s=time.time() - t0, versions=versions(), threads=PREP_THREADS)
+        with open(os.path.join(tmp, "prep.json"), "w") as f:
+            json.dump(info, f)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            if not os.path.exists(os.path.join(path, "prep.json")):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same stage first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if verbose:
+        print(f"embedded default: {what} prepared in {time.time() - t0:.0f}s", flush=True)
+
+
+def _remove_stale_tmp(path: str) -> None:
+    """Remove ``path.tmp<pid>`` folders left by preparations that were killed (their process is gone)."""
+    parent, base = os.path.split(path)
+    for name in os.listdir(parent):
+        pid = name[len(base) + 4:] if name.startswith(base + ".tmp") else ""
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _train_model(e, name: str, train_path: str, out: str, verbose: bool) -> dict:
+    """SFT one tiny model (``name``: teacher or student) on the task's training rows; saved to ``out``."""
+    from .tiny import build_processor, build_tiny_model
+
     tok = build_tokenizer(e.tokenizer_vocab)
     proc = build_processor(tok, min_pixels=32 * 32, max_pixels=max(e.image_size, 32) ** 2)
-    train = load_jsonl(os.path.join(tmp, "data", "train.jsonl"))
-    info = {"tokenizer_ids": len(tok), "time_s": {}}
-    for name, tiny, steps, lr, seed in (("teacher", e.teacher, e.teacher_sft_steps, e.teacher_sft_lr, e.sft_seed),
-                                        ("student", e.student, e.student_sft_steps, e.student_sft_lr,
-                                         e.sft_seed + 1)):
-        t1 = time.time()
-        model = build_tiny_model(tiny, tok, seed=seed)
-        losses = sft(model, proc, train, steps=steps, lr=lr, batch_size=e.sft_batch_size, seed=seed,
-                     log_every=max(steps // 4, 1) if verbose else 0, desc=f"{name} sft")
-        model.save_pretrained(os.path.join(tmp, name))
-        proc.save_pretrained(os.path.join(tmp, name))
-        info[f"{name}_sft_losses"] = losses
-        info[f"{name}_params"] = sum(p.numel() for p in model.parameters())
-        info["time_s"][name] = time.time() - t1
-    with open(os.path.join(tmp, "prep.json"), "w") as f:
-        json.dump(info, f)
-    if os.path.exists(root):  # someone else finished first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, root)
-    if verbose:
-        print(f"embedded default: prepared in {time.time() - t0:.0f}s", flush=True)
-    return paths
+    train = load_jsonl(train_path)
+    teacher = name == "teacher"
+    steps = e.teacher_sft_steps if teacher else e.student_sft_steps
+    seed = e.sft_seed + (0 if teacher else 1)
+    model = build_tiny_model(e.teacher if teacher else e.student, tok, seed=seed)
+    losses = sft(model, proc, train, steps=steps, lr=e.teacher_sft_lr if teacher else e.student_sft_lr,
+                 batch_size=e.sft_batch_size, seed=seed,
+                 text_fraction=e.teacher_sft_text_fraction if teacher else e.student_sft_text_fraction,
+                 phrasing=name, phrasing_mix=e.teacher_phrasing_mix if teacher else 0.0,
+                 label_smoothing=e.teacher_sft_label_smoothing if teacher else e.student_sft_label_smoothing,
+                 log_every=max(steps // 4, 1) if verbose else 0, desc=f"{name} sft")
+    model.save_pretrained(out)
+    proc.save_pretrained(out)
+    return {"tokenizer_ids": len(tok), "sft_losses": losses, "params": sum(p.numel() for p in model.parameters())}

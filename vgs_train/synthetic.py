@@ -38,8 +38,32 @@ def _draw(img, shape: str, colour: str, rng: random.Random) -> None:
         d.polygon([(ox + s / 2, oy), (ox, oy + s), (ox + s, oy + s)], fill=fill)
 
 
-def describe(shape: str, colour: str) -> str:
-    return f"I see a {colour} {shape}."
+# Two phrasings of the same reasoning: the student's own habit and the teacher's. The embedded default trains
+# each model on its own phrasing (the teacher sees the student's now and then), so a student distilled from the
+# teacher can keep or lose its own phrasing: the demo measures which (``phrasing``).
+PHRASINGS = {"student": "I see a {colour} {shape}.", "teacher": "The picture shows a {colour} {shape}."}
+
+
+def describe(shape: str, colour: str, phrasing: str = "student") -> str:
+    return PHRASINGS[phrasing].format(colour=colour, shape=shape)
+
+
+def rephrase(response: str, phrasing: str) -> str:
+    """A reference response (student phrasing) in ``phrasing``."""
+    head = PHRASINGS["student"].split("{")[0]
+    if phrasing == "student" or head not in response:
+        return response
+    return response.replace(head, PHRASINGS[phrasing].split("{")[0], 1)
+
+
+def phrasing_of(completion: str) -> str:
+    """Which phrasing a completion's reasoning starts with: "student", "teacher" or "other"."""
+    body = completion.split("<reason>", 1)[1] if "<reason>" in completion else completion
+    body = body.lstrip()
+    for name, template in PHRASINGS.items():
+        if body.startswith(template.split("{")[0].strip()):
+            return name
+    return "other"
 
 
 def make_example(rng: random.Random, size: int = 96):
@@ -86,5 +110,6 @@ def corpus() -> list[str]:
              "<reason></reason>"]
     for s in SHAPES:
         for c in COLOURS:
-            texts += [reference_response(describe(s, c), c), reference_response(describe(s, c), s)]
+            for ph in PHRASINGS:
+                texts += [reference_response(describe(s, c, ph), c), reference_response(describe(s, c, ph), s)]
     return texts
