@@ -91,10 +91,11 @@ def vgs_loss(
             normalise it yourself), ``"none"`` (per-token losses shaped like the mask).
         vds_scope, process_group: ``"global"`` (default) takes the VDS quantile over every rank
             of ``process_group`` (None: the default group) when torch.distributed is
-            initialised: an all_gather inside this call, so every rank of the group must make
-            the same number of calls (ranks out of step get a RuntimeError; a rank that stops
-            calling hangs the others). With dynamic batching use ``"local"``, or ``threshold=`` /
-            ``gate=`` from :func:`vgs_kernels.vds_threshold`. No collective runs when
+            initialised: two all_gathers inside this call, so every rank of the group must make
+            the same sequence of calls (collectives pair up by order: an extra call on one rank
+            mixes batches, then hangs). With dynamic batching (ranks making different numbers of
+            calls) use ``"local"``, or ``threshold=`` / ``gate=`` from
+            :func:`vgs_kernels.vds_threshold` computed once per batch. No collective runs when
             ``threshold`` or ``gate`` is given.
         temperature: softmax temperature tau, a finite number >= 1e-6 (smaller values would
             overflow the finite fp32 stand-in for -inf logits once divided by tau).

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -16,45 +15,27 @@ def gather_vds(vds: torch.Tensor, scope: str, group=None) -> torch.Tensor:
     group) when ``scope == "global"`` and torch.distributed is initialised; else ``vds`` unchanged.
 
     This is a collective (two all_gathers; ranks may hold different numbers of valid tokens, even
-    none): every rank of the group must make the same sequence of calls, or the job hangs. Each call
-    also exchanges a per-group call number, so ranks that are out of step (one rank on its 3rd
-    global-scope loss call while another is on its 2nd, as with dynamic micro-batching) get a
-    RuntimeError on every rank instead of a threshold mixed from different batches.
+    none): every rank of the group must make the same sequence of calls. Collectives pair up by
+    issue order, so a rank that makes more calls than another (dynamic micro-batching) pairs its
+    extra call with the other rank's next collective: a threshold mixed from different batches,
+    then a hang or a collective error. Use ``vds_scope="local"``, or ``threshold=`` / ``gate=`` from
+    :func:`vds_threshold` computed once per batch, when the ranks' call counts may differ.
     """
     if scope != "global" or not (dist.is_available() and dist.is_initialized()):
         return vds
     world = dist.get_world_size(group)
     if world == 1:
         return vds
-    call = _next_call(group)
-    header = torch.tensor([vds.numel(), call], device=vds.device, dtype=torch.long)
-    headers = [torch.zeros_like(header) for _ in range(world)]
-    dist.all_gather(headers, header, group=group)
-    sizes, calls = zip(*(tuple(int(x) for x in h.tolist()) for h in headers))
-    if len(set(calls)) > 1:
-        raise RuntimeError(
-            f"vds_scope='global': the ranks are out of step (global-scope VGS loss calls per rank: "
-            f"{list(calls)}); every rank of the process group must make the same number of loss calls. "
-            "With dynamic batching (ranks making different numbers of micro-batch calls) use "
-            "vds_scope='local', or compute the threshold once per batch with vgs_kernels.vds_threshold(...) "
-            "and pass threshold= (or gate=) to every call"
-        )
+    count = torch.tensor([vds.numel()], device=vds.device, dtype=torch.long)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    sizes = [int(c.item()) for c in counts]
     longest = max(sizes)
     padded = torch.zeros(longest, device=vds.device, dtype=vds.dtype)
     padded[: vds.numel()] = vds
     buckets = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(buckets, padded, group=group)
     return torch.cat([b[:n] for b, n in zip(buckets, sizes)])
-
-
-# global-scope gathers made by this process, per process group (a new group starts at 0)
-_calls: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _next_call(group) -> int:
-    key = group if group is not None else dist.group.WORLD
-    _calls[key] = _calls.get(key, 0) + 1
-    return _calls[key]
 
 
 def quantiles(values: torch.Tensor, qs: list[float]) -> list[float]:
@@ -189,7 +170,7 @@ def vds_threshold(
         rows = [x.index_select(0, idx) for x in flat]
         if teacher_weight is None:
             rows = [r[:, :vocab] for r in rows]
-            V.check_sparse_rows(rows[0], rows[1], names[1], names[0], "the VDS KL(q || q') is infinite")
+            V.check_sparse_rows(rows[1], rows[0], names[1], names[0], "the VDS KL(q || q') is infinite", idx)
         else:
             rows = [torch.nn.functional.linear(r, w, b) for r in rows]
         if not all(bool(torch.isfinite(r).logical_or(torch.isneginf(r)).all()) for r in rows):
