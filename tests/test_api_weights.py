@@ -274,10 +274,6 @@ def test_sparse_teacher_raises_naming_the_stream(backend):
         vgs_loss(zs, zsp, zt, topk_teacher(ztp, 5), mask, backend=backend)
     with pytest.raises(ValueError, match=r"teacher_logits has -inf"):
         vgs_loss(zs, None, topk_teacher(zt, 5), None, mask, mode="standard", backend=backend)
-    bad_prior = zsp.clone()
-    bad_prior[0, 0, 3] = float("-inf")
-    with pytest.raises(ValueError, match=r"student_text_logits has -inf .* KL\(p \|\| r\)"):
-        vgs_loss(zs, bad_prior, zt, ztp, mask, backend=backend)
     # -inf on masked rows only, or where the other stream has -inf too (a shared vocabulary mask): fine
     zt_masked = zt.clone()
     zt_masked[1] = topk_teacher(zt[1], 3)  # sequence 1 is fully masked
