@@ -155,3 +155,31 @@ def test_vgs_distillation_trainer_two_processes(tmp_path):
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-6000:]
     assert "'vgs/vis'" in log and "'train_loss'" in log, log[-3000:]
+
+
+def test_lm_head_padding_is_suppressed_on_every_generation_path():
+    """transformers' generate gets suppress_tokens; TRL's vLLM path (SamplingParams from the
+    generation_kwargs VLLMGeneration holds) gets allowed_token_ids below the tokenizer size."""
+    if TRL_ERR:
+        pytest.skip(TRL_ERR)
+    import inspect
+    from types import SimpleNamespace
+
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    from vgs_train.integrations.trl import suppress_lm_head_padding
+
+    # TRL builds vLLM's sampling parameters from this attribute in both modes (colocate and server)
+    assert inspect.getsource(VLLMGeneration.generate).count("self.generation_kwargs") >= 2
+    user_kwargs = {"allowed_token_ids": [1, 5, 9, 12]}
+    trainer = SimpleNamespace(
+        generation_kwargs={"suppress_tokens": [3]}, generation_config=SimpleNamespace(suppress_tokens=[3]),
+        use_vllm=True, vllm_generation=SimpleNamespace(generation_kwargs=user_kwargs))
+    suppress_lm_head_padding(trainer, vocab_size=10, rows=13)
+    assert trainer.generation_kwargs["suppress_tokens"] == [3, 10, 11, 12]
+    assert trainer.generation_config.suppress_tokens == [3, 10, 11, 12]
+    assert trainer.vllm_generation.generation_kwargs["allowed_token_ids"] == [1, 5, 9]
+    assert user_kwargs == {"allowed_token_ids": [1, 5, 9, 12]}  # the user's args are not modified
+    trainer.vllm_generation.generation_kwargs = None
+    suppress_lm_head_padding(trainer, vocab_size=10, rows=13)
+    assert trainer.vllm_generation.generation_kwargs == {"allowed_token_ids": list(range(10))}

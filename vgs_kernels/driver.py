@@ -51,23 +51,47 @@ class DriverResult:
     gate: torch.Tensor  # [n_valid] fp32 {0, 1}
     ramp: torch.Tensor | None  # [n_valid] fp32 in [0, 1] (adaptive only)
     theta: float
+    per_row: torch.Tensor | None = None  # [n_valid]: each row's coefficient-weighted objective (sums to loss)
 
 
-def reduction_weights(mask: torch.Tensor, reduction: str) -> torch.Tensor:
+def reduction_weights(
+    mask: torch.Tensor,
+    reduction: str,
+    weights: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
     """mask [B, T] bool -> per-valid-token weights [n_valid] fp32 (row-major order).
 
     ``sequence``: 1 / (valid tokens of its sequence * sequences with a valid token);
-    ``token``: 1 / valid tokens.
+    ``token``: 1 / valid tokens; ``sum`` and ``none``: 1. Each is multiplied by the token's
+    ``weights`` entry ([B, T] fp32) when given. A sequence is a row of ``mask``, or, with
+    ``cu_seqlens`` ([S + 1] long) and a [1, N] mask of packed rows, the span cu[s]:cu[s + 1].
     """
-    counts = mask.sum(dim=1)
+    flat = mask.reshape(-1)
+    extra = None if weights is None else weights.reshape(-1)[flat]
+    if cu_seqlens is None:
+        counts = mask.sum(dim=1)
+        seq_of_valid = None
+    else:
+        lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+        seq_id = torch.repeat_interleave(torch.arange(lengths.numel(), device=mask.device), lengths)
+        seq_of_valid = seq_id[flat]
+        counts = torch.bincount(seq_of_valid, minlength=lengths.numel())
     n_valid = int(counts.sum().item())
     if n_valid == 0:
         return torch.zeros(0, device=mask.device)
-    if reduction == "token":
-        return torch.full((n_valid,), 1.0 / n_valid, device=mask.device)
-    n_seq = int((counts > 0).sum().item())
-    per_seq = 1.0 / (counts.clamp_min(1).double() * n_seq)
-    return per_seq[:, None].expand_as(mask)[mask].float()
+    if reduction in ("sum", "none"):
+        base = torch.ones(n_valid, device=mask.device)
+    elif reduction == "token":
+        base = torch.full((n_valid,), 1.0 / n_valid, device=mask.device)
+    else:
+        n_seq = int((counts > 0).sum().item())
+        per_seq = 1.0 / (counts.clamp_min(1).double() * n_seq)
+        if seq_of_valid is None:
+            base = per_seq[:, None].expand_as(mask)[mask].float()
+        else:
+            base = per_seq[seq_of_valid].float()
+    return base if extra is None else base * extra
 
 
 def _chunks(n: int, size: int):
@@ -84,11 +108,13 @@ def run_vgs(
     chunk_size: int,
     need_grad: bool,
     compute_dtype: torch.dtype = torch.float32,
+    gate: torch.Tensor | None = None,
 ) -> DriverResult:
     """Run both passes over the rows ``valid_idx`` ([n_valid] long) with reduction ``weights``.
 
     With ``need_grad``, the logit gradients of the student streams in ``source.wants`` are computed
     (in ``compute_dtype``) and sent to ``source.backward``; the other stream's are never formed.
+    ``gate`` ([n_valid] {0, 1}): the caller's gate instead of the thresholded VDS.
     """
     n = valid_idx.numel()
     device = valid_idx.device
@@ -120,7 +146,7 @@ def run_vgs(
             source.backward(idx, "sp", g_sp)
         del g_s, g_sp
 
-    gate, ramp, theta = gate_and_ramp(stats[:, 3], opts)
+    gate, ramp, theta = gate_and_ramp(stats[:, 3], opts, gate)
     if mode == "vgs":
         coef2 = torch.stack([zeros, zeros, beta * gate * w], dim=1)
     elif mode == "adaptive":
@@ -135,8 +161,9 @@ def run_vgs(
         _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size, compute_dtype)
 
     terms = coef * stats[:, :3]
-    loss = torch.where(coef != 0, terms, torch.zeros_like(terms)).sum()
-    return DriverResult(loss=loss, stats=stats, gate=gate, ramp=ramp, theta=theta)
+    terms = torch.where(coef != 0, terms, torch.zeros_like(terms))
+    loss = terms.sum()
+    return DriverResult(loss=loss, stats=stats, gate=gate, ramp=ramp, theta=theta, per_row=terms.sum(1))
 
 
 def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size, compute_dtype) -> None:

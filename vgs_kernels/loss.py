@@ -1,5 +1,5 @@
 """The public loss functions: ``vgs_loss`` on logit rows and ``fused_linear_vgs_loss`` on hidden
-states, each with one ``backend`` switch (SPEC.md section 2)."""
+states, each with one ``backend`` switch."""
 
 from __future__ import annotations
 
@@ -25,10 +25,14 @@ class VGSOutput:
 
     loss: scalar tensor, fp32 (fp64 for fp64 inputs with ``backend="reference"``; the row
         backends compute each row's KLs in fp64 for fp64 inputs, then sum them in fp32),
-        differentiable w.r.t. the student inputs.
+        differentiable w.r.t. the student inputs. With ``reduction="none"`` (``vgs_loss`` only):
+        the per-token losses shaped like the mask (0 on masked tokens), differentiable; backward
+        takes any upstream per-token gradient.
     metrics: detached floats: std, vis, lang, vds (means over valid tokens), gate_fraction,
-        threshold (the gate's theta; NaN when it came from a quantile over no tokens). Without the
-        text-only streams (``mode="standard"`` with None for them) all but std are NaN.
+        threshold (the gate's theta; NaN when it came from a quantile over no tokens or when
+        ``gate=`` was given). Without the text-only streams (``mode="standard"`` with None for
+        them) all but std are NaN. With ``sync_metrics=False`` all but threshold are 0-d fp32
+        tensors on the inputs' device (never read to the host).
     per_token: with ``return_per_token=True``, detached fp32 tensors shaped like the mask
         ([B, T], or [N] for [N, V] inputs): std, vis, lang, vds, gate (0 on masked tokens).
     """
@@ -45,6 +49,9 @@ def vgs_loss(
     teacher_text_logits: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
+    weights: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
     mode: str = "vgs",
     alpha: float = 2.0,
     beta: float = 0.01,
@@ -58,6 +65,8 @@ def vgs_loss(
     vocab_size: int | None = None,
     detach_target_prior: bool = True,
     return_per_token: bool = False,
+    process_group=None,
+    sync_metrics: bool = True,
     backend: str = "auto",
 ) -> VGSOutput:
     """VGS loss on logit rows.
@@ -67,10 +76,36 @@ def vgs_loss(
             the image; they receive gradients (returned in their dtype).
         teacher_logits, teacher_text_logits: [B, T, V'] or [N, V'], no gradient. With
             ``mode="standard"`` both text-only logits may be None (the loss does not read them).
-        mask: [B, T] (or [N]) bool, True = response token that counts; None = all count.
+        mask: [B, T] (or [N]) bool, True = response token that counts; None = all count (or,
+            given ``weights``, the tokens with a non-zero weight).
+        weights: float tensor shaped like the mask: per-token multipliers of the objective
+            before the reduction (no gradient flows into them).
+        cu_seqlens: [S + 1] int, 0 = cu[0] <= ... <= cu[S] = N, with [N, V] inputs of packed
+            sequences: sequence s is rows cu[s]:cu[s + 1] (for ``reduction="sequence"``; without
+            it [N, V] rows are one sequence).
+        gate: bool tensor shaped like the mask, the gate of the gated term instead of
+            ``VDS > theta`` (not in ``mode="adaptive"``, not with ``threshold``); nothing is
+            gathered across ranks then. :func:`vgs_kernels.vds_threshold` computes one per batch.
+        reduction: ``"sequence"`` (mean per sequence, then over sequences with a valid token),
+            ``"token"`` (mean over valid tokens), ``"sum"`` (gamma * sum of weight * objective:
+            normalise it yourself), ``"none"`` (per-token losses shaped like the mask).
+        vds_scope, process_group: ``"global"`` (default) takes the VDS quantile over every rank
+            of ``process_group`` (None: the default group) when torch.distributed is
+            initialised: two all_gathers inside this call, so every rank of the group must make
+            the same sequence of calls (collectives pair up by order: an extra call on one rank
+            mixes batches, then hangs). With dynamic batching (ranks making different numbers of
+            calls) use ``"local"``, or ``threshold=`` / ``gate=`` from
+            :func:`vgs_kernels.vds_threshold` computed once per batch. No collective runs when
+            ``threshold`` or ``gate`` is given.
         temperature: softmax temperature tau, a finite number >= 1e-6 (smaller values would
             overflow the finite fp32 stand-in for -inf logits once divided by tau).
-        The remaining keywords are described in README.md and SPEC.md section 2.
+        sync_metrics: False keeps ``out.metrics`` as device tensors (no ``.item()`` host sync for
+            them; the driver still synchronises to select rows and to take the quantile).
+        The remaining keywords are described in README.md.
+
+    -inf logits are allowed where a stream's counterpart has them too. A teacher row with -inf
+    (probability 0) where the student has probability > 0 makes the reverse KL infinite: a
+    ValueError naming the stream (e.g. a top-k teacher: the full teacher logits are needed).
 
     Only inputs with ``requires_grad`` get a gradient computed (a frozen stream costs no
     gradient buffer).
@@ -80,6 +115,7 @@ def vgs_loss(
         adaptive_quantiles=adaptive_quantiles, threshold=threshold, vds_scope=vds_scope,
         temperature=temperature, reduction=reduction, vocab_size=vocab_size,
         detach_target_prior=detach_target_prior, return_per_token=return_per_token,
+        process_group=process_group, sync_metrics=sync_metrics,
     )
     text = V.check_text_streams(mode, (V.LOGIT_NAMES[1], V.LOGIT_NAMES[3]), student_text_logits, teacher_text_logits)
     if not text:  # standard mode without the text view: the image streams stand in (never differentiated)
@@ -90,22 +126,25 @@ def vgs_loss(
     vocab = V.check_vocab(
         vocab_size, (V.LOGIT_NAMES[0], student_logits.shape[-1]), (V.LOGIT_NAMES[2], teacher_logits.shape[-1])
     )
-    mask2d = V.check_mask(mask, lead, student_logits.device)
+    rows = _Rows.build(lead, student_logits.device, mask, weights, cu_seqlens, gate, opts)
     be = resolve(backend, student_logits.device)
     flat = [z.reshape(-1, z.shape[-1]) for z in logits]
-    valid_idx = mask2d.reshape(-1).nonzero().squeeze(1)
-    weights = reduction_weights(mask2d, opts.reduction)
+    valid_idx = rows.valid_idx
+    V.check_sparse_logits(V.LOGIT_NAMES, flat, valid_idx, vocab, max(1, 2**26 // vocab))
     opts = _with_vocab(opts, vocab)
+    per_token = opts.reduction == "none"
 
     if be is None:
-        result = reference_vgs(*flat, valid_idx, weights, opts)
+        result = reference_vgs(*flat, valid_idx, rows.weights, opts, rows.gate)
+        if per_token:
+            result.loss = _scatter_rows(result.per_row, valid_idx, lead)
     else:
         grad_on = torch.is_grad_enabled()
         needs = (grad_on and student_logits.requires_grad, grad_on and text and student_text_logits.requires_grad)
         holder: dict = {}
         loss = _LogitsFunction.apply(
             student_logits, student_text_logits, teacher_logits, teacher_text_logits,
-            valid_idx, weights, opts, be, needs, holder,
+            valid_idx, rows.weights, rows.gate, opts, be, needs, holder,
         )
         result = holder["result"]
         result.loss = loss
@@ -122,6 +161,9 @@ def fused_linear_vgs_loss(
     teacher_weight: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
+    weights: torch.Tensor | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
@@ -138,6 +180,8 @@ def fused_linear_vgs_loss(
     vocab_size: int | None = None,
     detach_target_prior: bool = True,
     return_per_token: bool = False,
+    process_group=None,
+    sync_metrics: bool = True,
     backend: str = "auto",
 ) -> VGSOutput:
     """VGS loss from hidden states and lm_head weights, never materialising all [B*T, V] logits.
@@ -151,7 +195,12 @@ def fused_linear_vgs_loss(
         teacher_hidden, teacher_text_hidden: [B, T, H_t] or [N, H_t]; teacher_weight [V', H_t],
             teacher_bias optional [V']; no gradient.
         chunk_size: token rows per chunk (default: chosen from B*T, H, V and free memory).
-        Other keywords as in :func:`vgs_loss`.
+        cu_seqlens: with [N, H] hidden states of packed sequences, as in :func:`vgs_loss`.
+        reduction: ``"sequence"``, ``"token"`` or ``"sum"``; ``"none"`` is refused (per-token
+            losses would need each row's logit gradients kept until backward, i.e. the [N, V]
+            logits this function exists to avoid): pass your per-token multipliers as
+            ``weights=`` with ``reduction="sum"``.
+        Other keywords (weights, gate, process_group, sync_metrics, ...) as in :func:`vgs_loss`.
 
     Only what requires a gradient gets one computed: a frozen ``student_weight`` (or bias) costs
     no [V, H] gradient buffer and no weight-gradient GEMM, frozen hidden states no [N, H] buffer
@@ -165,6 +214,7 @@ def fused_linear_vgs_loss(
         adaptive_quantiles=adaptive_quantiles, threshold=threshold, vds_scope=vds_scope,
         temperature=temperature, reduction=reduction, vocab_size=vocab_size,
         detach_target_prior=detach_target_prior, return_per_token=return_per_token,
+        process_group=process_group, sync_metrics=sync_metrics,
     )
     text = V.check_text_streams(mode, (V.HIDDEN_NAMES[1], V.HIDDEN_NAMES[3]), student_text_hidden, teacher_text_hidden)
     if not text:  # standard mode without the text view: the image streams stand in, computed once
@@ -180,11 +230,17 @@ def fused_linear_vgs_loss(
     bt = V.check_bias("teacher_bias", teacher_bias, "teacher_weight", wt)
     vocab = V.check_vocab(vocab_size, ("student_weight", ws.shape[0]), ("teacher_weight", wt.shape[0]))
     V.check_chunk_size(chunk_size)
-    mask2d = V.check_mask(mask, lead, student_hidden.device)
+    if opts.reduction == "none":
+        raise ValueError(
+            "reduction='none' is not supported by fused_linear_vgs_loss (per-token losses would need every "
+            "row's logit gradients kept until backward, i.e. the [N, V] logits it avoids): pass your "
+            "per-token multipliers as weights= with reduction='sum', or use vgs_loss on logits"
+        )
+    rows = _Rows.build(lead, student_hidden.device, mask, weights, cu_seqlens, gate, opts)
     be = resolve(backend, student_hidden.device)
     flat = [h.reshape(-1, h.shape[-1]) for h in hidden]
-    valid_idx = mask2d.reshape(-1).nonzero().squeeze(1)
-    weights = reduction_weights(mask2d, opts.reduction)
+    valid_idx = rows.valid_idx
+    V.check_sparse_bias(bt, bs, vocab)
     opts = _with_vocab(opts, vocab)
 
     if be is None:
@@ -192,7 +248,9 @@ def fused_linear_vgs_loss(
             torch.nn.functional.linear(h, w.to(h.dtype), None if b is None else b.to(h.dtype))
             for h, w, b in zip(flat, (ws, ws, wt, wt), (bs, bs, bt, bt))
         ]
-        result = reference_vgs(logits[0], logits[1], logits[2].detach(), logits[3].detach(), valid_idx, weights, opts)
+        result = reference_vgs(
+            logits[0], logits[1], logits[2].detach(), logits[3].detach(), valid_idx, rows.weights, opts, rows.gate
+        )
     else:
         grad_on = torch.is_grad_enabled()
         # (hidden, text hidden, weight, bias): each gets a gradient only when it requires one
@@ -204,7 +262,7 @@ def fused_linear_vgs_loss(
         holder: dict = {}
         loss = _LinearFunction.apply(
             student_hidden, student_text_hidden, ws, bs, teacher_hidden, teacher_text_hidden, wt, bt,
-            valid_idx, weights, opts, be.rows_fn, needs, chunk, not text, holder,
+            valid_idx, rows.weights, rows.gate, opts, be.rows_fn, needs, chunk, not text, holder,
         )
         result = holder["result"]
         result.loss = loss
@@ -221,12 +279,12 @@ class _LogitsFunction(torch.autograd.Function):
     """Loss and logit gradients in one forward (the gradients are analytic, no graph over V)."""
 
     @staticmethod
-    def forward(ctx, zs, zsp, zt, ztp, valid_idx, weights, opts, backend, needs, holder):
+    def forward(ctx, zs, zsp, zt, ztp, valid_idx, weights, gate, opts, backend, needs, holder):
         flat = [z.reshape(-1, z.shape[-1]) for z in (zs, zsp, zt, ztp)]
         source = LogitsSource(*flat, vocab=opts.vocab_size, needs=needs)
         chunk = default_chunk_size(valid_idx.numel(), opts.vocab_size, zs.device, backend.chunk_temps)
         holder["result"] = result = run_vgs(
-            source, valid_idx, weights, opts, backend.rows_fn, chunk, any(needs), _compute_dtype(zs)
+            source, valid_idx, weights, opts, backend.rows_fn, chunk, any(needs), _compute_dtype(zs), gate
         )
         # a stream that needs a gradient but got none (e.g. all-False mask) gets zeros, like autograd
         grads = [
@@ -235,21 +293,27 @@ class _LogitsFunction(torch.autograd.Function):
         ]
         ctx.has = [g is not None for g in grads]
         ctx.save_for_backward(*[g for g in grads if g is not None])
+        # reduction="none": the gradients above are each row's own (every row's objective depends
+        # on its own logits only), so backward scales row t by the upstream gradient of token t
+        ctx.per_token = opts.reduction == "none"
+        if ctx.per_token:
+            return _scatter_rows(result.per_row, valid_idx, zs.shape[:-1])
         return result.loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         saved = iter(ctx.saved_tensors)
-        out = [(g := next(saved)) * grad_loss.to(g.dtype) if has else None for has in ctx.has]
-        return (*out, None, None, None, None, None, None, None, None)
+        scale = grad_loss.unsqueeze(-1) if ctx.per_token else grad_loss
+        out = [(g := next(saved)) * scale.to(g.dtype) if has else None for has in ctx.has]
+        return (*out, None, None, None, None, None, None, None, None, None)
 
 
 class _LinearFunction(torch.autograd.Function):
     """Loss and hidden/weight/bias gradients in one forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hs, hsp, ws, bs, ht, htp, wt, bt, valid_idx, weights, opts, rows_fn, needs, chunk, alias_text,
-                holder):
+    def forward(ctx, hs, hsp, ws, bs, ht, htp, wt, bt, valid_idx, weights, gate, opts, rows_fn, needs, chunk,
+                alias_text, holder):
         flat = [h.reshape(-1, h.shape[-1]) for h in (hs, hsp, ht, htp)]
         # The GEMMs run in the hidden states' dtype (weights cast once if they differ).
         ws_c = ws.to(hs.dtype)
@@ -261,7 +325,7 @@ class _LinearFunction(torch.autograd.Function):
         )
         with torch.autocast(device_type=hs.device.type, enabled=False):
             holder["result"] = result = run_vgs(
-                source, valid_idx, weights, opts, rows_fn, chunk, any(needs), _compute_dtype(hs)
+                source, valid_idx, weights, opts, rows_fn, chunk, any(needs), _compute_dtype(hs), gate
             )
         gh = source.grad_hidden
         # a hidden stream that needs a gradient but got none (e.g. all-False mask) gets zeros
@@ -279,7 +343,39 @@ class _LinearFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         saved = iter(ctx.saved_tensors)
         out = [(g := next(saved)) * grad_loss.to(g.dtype) if has else None for has in ctx.has]
-        return (*out, None, None, None, None, None, None, None, None, None, None, None, None)
+        return (*out, None, None, None, None, None, None, None, None, None, None, None, None, None)
+
+
+@dataclass
+class _Rows:
+    """The token rows a call counts: valid row indices, their reduction weights and gate."""
+
+    valid_idx: torch.Tensor  # [n_valid] long, row-major over the token dims
+    weights: torch.Tensor  # [n_valid] fp32 reduction weights (before gamma)
+    gate: torch.Tensor | None  # [n_valid] fp32 {0, 1}, the caller's gate
+
+    @staticmethod
+    def build(lead, device, mask, weights, cu_seqlens, gate, opts: VGSOptions) -> _Rows:
+        w = V.check_token_weights(weights, lead, device)
+        cu = V.check_cu_seqlens(cu_seqlens, lead, device)
+        g = V.check_gate(gate, lead, device, opts.mode, opts.threshold)
+        if mask is None and w is not None:  # a token with weight 0 counts as masked
+            mask2d = w != 0
+        else:
+            mask2d = V.check_mask(mask, lead, device)
+        valid_idx = mask2d.reshape(-1).nonzero().squeeze(1)
+        red = reduction_weights(mask2d, opts.reduction, w, cu)
+        g = None if g is None else g.reshape(-1).index_select(0, valid_idx).float()
+        return _Rows(valid_idx, red, g)
+
+
+def _scatter_rows(per_row: torch.Tensor, valid_idx: torch.Tensor, lead) -> torch.Tensor:
+    """[n_valid] per-row values -> a tensor shaped like the token dims, 0 on the other rows."""
+    n = 1
+    for d in lead:
+        n *= d
+    full = torch.zeros(n, device=per_row.device, dtype=per_row.dtype)
+    return full.index_copy(0, valid_idx, per_row).view(tuple(lead))
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -299,13 +395,17 @@ def _output(
     result: DriverResult, valid_idx: torch.Tensor, lead: tuple[int, ...], opts: VGSOptions, text: bool = True
 ) -> VGSOutput:
     n_valid = valid_idx.numel()
-    summary = torch.cat([result.stats.sum(0), result.gate.sum().reshape(1)]).tolist()
+    sums = torch.cat([result.stats.sum(0), result.gate.sum().reshape(1)]).detach()
     denom = max(n_valid, 1)
-    metrics = {name: summary[i] / denom for i, name in enumerate(STAT_NAMES)}
-    metrics["gate_fraction"] = summary[4] / denom
+    # sync_metrics=False: 0-d device tensors, never read to the host
+    summary = [x / denom for x in sums.tolist()] if opts.sync_metrics else list(sums / denom)
+    metrics = {name: summary[i] for i, name in enumerate(STAT_NAMES)}
+    metrics["gate_fraction"] = summary[4]
     metrics["threshold"] = float(result.theta)
     if not text:
-        metrics.update(dict.fromkeys(TEXT_METRICS, float("nan")))
+        nan = float("nan")
+        metrics.update({k: nan if k == "threshold" or opts.sync_metrics else torch.full_like(summary[0], nan)
+                        for k in TEXT_METRICS})
     per_token = None
     if opts.return_per_token:
         n = 1

@@ -35,6 +35,11 @@ class VGSLoss(nn.Module):
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
         VGSOptions(**keywords)
+        if keywords.get("reduction") == "none":
+            raise ValueError(
+                "VGSLoss runs fused_linear_vgs_loss, which refuses reduction='none' (it would need the [N, V] "
+                "logits): pass per-token multipliers as weights= to forward with reduction='sum'"
+            )
         self.keywords = dict(keywords, chunk_size=chunk_size, backend=backend)
 
     def forward(
@@ -48,11 +53,18 @@ class VGSLoss(nn.Module):
         mask: torch.Tensor | None = None,
         student_bias: torch.Tensor | None = None,
         teacher_bias: torch.Tensor | None = None,
+        *,
+        weights: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        gate: torch.Tensor | None = None,
     ) -> VGSOutput:
+        """The per-batch tensors (``weights``, ``cu_seqlens``, ``gate``) go here, the fixed keywords
+        to the constructor; see :func:`vgs_kernels.fused_linear_vgs_loss`."""
         return fused_linear_vgs_loss(
             student_hidden, student_text_hidden, student_weight,
             teacher_hidden, teacher_text_hidden, teacher_weight, mask,
-            student_bias=student_bias, teacher_bias=teacher_bias, **self.keywords,
+            student_bias=student_bias, teacher_bias=teacher_bias, weights=weights, cu_seqlens=cu_seqlens,
+            gate=gate, **self.keywords,
         )
 
     def extra_repr(self) -> str:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 MODES = ("standard", "vgs", "adaptive", "language")
-REDUCTIONS = ("sequence", "token")
+# sequence / token: means (the paper's trajectory average / over all valid tokens); sum: the caller
+# normalises; none: per-token losses shaped like the mask (vgs_loss only)
+REDUCTIONS = ("sequence", "token", "sum", "none")
 VDS_SCOPES = ("global", "local")
 # Smallest accepted temperature: logits are divided by tau, and the finite stand-in for -inf logits
 # (torch_rows.NEG_LOGIT = -1e30) must stay finite in fp32 (|x| < 3.4e38) after the division, with
@@ -22,8 +25,13 @@ class VGSOptions:
     theta), or, in ``mode="adaptive"`` only, a pair ``(theta_low, theta_high)`` for the ramp.
     ``alpha``, ``beta``, ``gamma`` are finite numbers and ``temperature`` a finite number
     ``>= MIN_TEMPERATURE`` (1e-6; smaller values would overflow the finite stand-in for -inf
-    logits); none of them may be a bool. ``detach_target_prior`` and ``return_per_token`` must be
-    real bools (a string such as ``"no"`` is rejected, not read as true).
+    logits); none of them may be a bool. ``detach_target_prior``, ``return_per_token`` and
+    ``sync_metrics`` must be real bools (a string such as ``"no"`` is rejected, not read as true).
+
+    ``process_group`` (a ``torch.distributed`` process group, or None for the default group) is the
+    group whose ranks' VDS values the quantile gathers with ``vds_scope="global"``; it is refused
+    with ``vds_scope="local"``, where nothing is gathered. ``sync_metrics=False`` leaves the metrics
+    as tensors on the inputs' device instead of reading them to the host with ``.item()``.
     """
 
     mode: str = "vgs"
@@ -39,6 +47,8 @@ class VGSOptions:
     vocab_size: int | None = None
     detach_target_prior: bool = True
     return_per_token: bool = False
+    process_group: Any = None
+    sync_metrics: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -58,7 +68,7 @@ class VGSOptions:
                 f"temperature must be >= {MIN_TEMPERATURE:g} (smaller values overflow the finite "
                 f"stand-in for -inf logits in fp32), got {self.temperature!r}"
             )
-        for name in ("detach_target_prior", "return_per_token"):
+        for name in ("detach_target_prior", "return_per_token", "sync_metrics"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be a bool (True or False), got {value!r}")
@@ -77,6 +87,7 @@ class VGSOptions:
             )
         object.__setattr__(self, "adaptive_quantiles", (float(aq[0]), float(aq[1])))
         self._check_threshold()
+        self._check_process_group()
         if self.vocab_size is not None and (
             isinstance(self.vocab_size, bool)
             or not isinstance(self.vocab_size, int)
@@ -108,6 +119,21 @@ class VGSOptions:
                 f"or None to use adaptive_quantiles, got {t!r}"
             )
         object.__setattr__(self, "threshold", float(t))
+
+
+    def _check_process_group(self) -> None:
+        pg = self.process_group
+        if pg is None:
+            return
+        if self.vds_scope != "global":
+            raise ValueError(
+                "process_group is only used with vds_scope='global' (the VDS quantile over the group's "
+                f"ranks); vds_scope={self.vds_scope!r} gathers nothing"
+            )
+        import torch.distributed as dist
+
+        if not (dist.is_available() and isinstance(pg, dist.ProcessGroup)):
+            raise ValueError(f"process_group must be a torch.distributed ProcessGroup or None, got {pg!r}")
 
 
 def _finite(x: object) -> bool:

@@ -27,10 +27,12 @@ def reference_vgs(
     valid_idx: torch.Tensor,
     weights: torch.Tensor,
     opts: VGSOptions,
+    gate: torch.Tensor | None = None,
 ) -> DriverResult:
-    """[N, V] logits (any float dtype), valid row indices [n_valid], reduction weights [n_valid].
+    """[N, V] logits (any float dtype), valid row indices [n_valid], reduction weights [n_valid],
+    optionally the caller's gate [n_valid] {0, 1} instead of the thresholded VDS.
 
-    Computes in fp32 (fp64 for fp64 inputs) and returns a differentiable loss.
+    Computes in fp32 (fp64 for fp64 inputs) and returns a differentiable loss and per-row losses.
     """
     tau, vocab = opts.temperature, opts.vocab_size or zs.shape[-1]
 
@@ -41,7 +43,7 @@ def reference_vgs(
     lr = torch.log_softmax(prior + xt - xtp, -1)
 
     std, vis, lang, vds = _kl(ls, lt), _kl(ls, lr), _kl(lsp, ltp), _kl(lt, ltp)
-    gate, ramp, theta = gate_and_ramp(vds.detach(), opts)
+    gate, ramp, theta = gate_and_ramp(vds.detach(), opts, gate)
     w = (weights * opts.gamma).to(std.dtype)
     a, b = opts.alpha, opts.beta
     if opts.mode == "standard":
@@ -52,6 +54,6 @@ def reference_vgs(
         per_token = std + a * ramp * vis + b * gate * lang
     else:  # language
         per_token = std + a * lang + b * gate * vis
-    loss = (w * per_token).sum()
+    per_row = w * per_token
     stats = torch.stack([std, vis, lang, vds], dim=1).detach().float()
-    return DriverResult(loss=loss, stats=stats, gate=gate, ramp=ramp, theta=theta)
+    return DriverResult(loss=per_row.sum(), stats=stats, gate=gate, ramp=ramp, theta=theta, per_row=per_row)

@@ -14,7 +14,10 @@ loss with VGS:
    image view);
 3. ``vgs_kernels.fused_linear_vgs_loss`` takes them with both lm_head weights (``vocab_size`` = the
    tokenizer's size: the lm_head's padding rows are excluded from the distributions, and generation never
-   samples them).
+   samples them, on transformers' and on vLLM's path alike: :func:`suppress_lm_head_padding`).
+
+It relies on ``DistillationTrainer`` internals (``_generate_and_score_completions``, ``vllm_generation``,
+``_forward_redirection``): the ``trl`` extra pins TRL 1.16.x, the version the tests run.
 
 The backbone passes run under the accelerator's autocast (``bf16=True`` computes them in bf16; TRL's
 forward redirection bypasses the autocast accelerate puts on the model's own ``forward``); the loss
@@ -43,7 +46,7 @@ try:
     from trl.trainer.utils import pad
 except ImportError as exc:  # pragma: no cover - depends on the optional extra
     raise ImportError(
-        "vgs_train.integrations.trl needs TRL >= 1.16 (DistillationTrainer): pip install 'vgs-kernels[trl]'"
+        "vgs_train.integrations.trl needs TRL 1.16.x (DistillationTrainer): pip install 'vgs-kernels[trl]'"
     ) from exc
 
 from vgs_kernels import fused_linear_vgs_loss
@@ -90,6 +93,30 @@ def check_plain_logits(text_config, role: str) -> None:
                          "the VGS kernels take plain hidden @ lm_head.weight.T logits")
 
 
+def suppress_lm_head_padding(trainer, vocab_size: int, rows: int) -> None:
+    """Keep every generation path of a constructed TRL trainer from sampling lm_head rows >= vocab_size.
+
+    transformers' ``generate`` reads ``trainer.generation_kwargs`` / ``generation_config``
+    (``suppress_tokens``). TRL's vLLM path (colocate and server) builds ``SamplingParams`` from the
+    ``args.generation_kwargs`` it was constructed with, held by ``trainer.vllm_generation``; vLLM has
+    no ``suppress_tokens``, so it gets ``allowed_token_ids`` = ids [0, vocab_size) (intersected with
+    any the user set).
+    """
+    if rows <= vocab_size:
+        return
+    extra = list(range(vocab_size, rows))
+    suppress = list(trainer.generation_kwargs.get("suppress_tokens") or []) + extra
+    trainer.generation_kwargs["suppress_tokens"] = suppress
+    trainer.generation_config.suppress_tokens = suppress
+    vllm = getattr(trainer, "vllm_generation", None) if getattr(trainer, "use_vllm", False) else None
+    if vllm is not None:
+        kwargs = dict(vllm.generation_kwargs or {})
+        allowed = kwargs.get("allowed_token_ids")
+        kwargs["allowed_token_ids"] = [i for i in (allowed if allowed is not None else range(vocab_size))
+                                       if i < vocab_size]
+        vllm.generation_kwargs = kwargs  # a copy: the user's args.generation_kwargs stays as given
+
+
 class VGSDistillationTrainer(DistillationTrainer):
     """TRL ``DistillationTrainer`` with the VGS loss.
 
@@ -123,11 +150,7 @@ class VGSDistillationTrainer(DistillationTrainer):
         # never sample lm_head rows beyond the tokenizer: the distributions exclude them
         w = self.accelerator.unwrap_model(self.model).get_output_embeddings().weight
         rows = int(getattr(w, "ds_shape", w.shape)[0])  # ZeRO-3 keeps the full shape in ds_shape
-        if rows > self.vgs_vocab_size:
-            extra = list(range(self.vgs_vocab_size, rows))
-            suppress = list(self.generation_kwargs.get("suppress_tokens") or []) + extra
-            self.generation_kwargs["suppress_tokens"] = suppress
-            self.generation_config.suppress_tokens = suppress
+        suppress_lm_head_padding(self, self.vgs_vocab_size, rows)
         prepare_sharded_lm_head(self.model)
 
     # ------------------------------------------------------------------ text-only view
