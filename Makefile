@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test lint clean
+.PHONY: install test-deps demo test lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -15,16 +15,19 @@ install: $(PY)
 	$(PY) -m pip install -q "setuptools>=64" wheel
 	# --no-build-isolation: compile vgs_kernels._C against the torch installed above
 	$(PY) -m pip install -q --no-build-isolation -e ".[train,bench,dev,trl]"
-	# verl for tests/test_verl_adapter.py, which checks the adapter against verl's own agg_loss: the
-	# package without its dependencies (verl 0.9 pins transformers<5.11 and pulls ray[default], wandb,
-	# CUDA extras) plus what importing its loss code needs; none of them touches torch
-	@$(PY) -m pip show -q verl >/dev/null 2>&1 || { $(PY) -m pip install -q --no-deps "verl==0.9.1" && \
-		$(PY) -m pip install -q ray "tensordict>=0.8,<=0.10,!=0.9.0" omegaconf codetiming; }
 
 demo: install
 	$(PY) -m vgs_train.demo
 
-test: install
+# verl for tests/test_verl_adapter.py, which checks the adapter against verl's own agg_loss: the package
+# without its dependencies (verl 0.9 pins transformers<5.11 and pulls ray[default], wandb, CUDA extras) plus
+# what importing its loss code needs, pinned to the versions the tests ran with; none of them touches torch.
+# Only the tests need it: `make demo` does not install it.
+test-deps: install
+	@$(PY) -m pip show -q verl >/dev/null 2>&1 || { $(PY) -m pip install -q --no-deps "verl==0.9.1" && \
+		$(PY) -m pip install -q "ray==2.60.0" "tensordict==0.10.0" "omegaconf==2.4.0" "codetiming==1.4.0"; }
+
+test: test-deps
 	$(PY) -m pytest -q tests
 
 lint: install

@@ -86,6 +86,7 @@ def test_cli_reports_config_errors(capsys):
     (["loss.adaptive_quantiles=[0.7, 0.4]"], r"^loss\.adaptive_quantiles"),
     (["loss.vds_scope=nope"], r"^loss\.vds_scope"),
     (["loss.reduction=nope"], r"^loss\.reduction"),
+    (["loss.reduction=sum"], r"^loss\.reduction must be one of .*sequence.*token.* in vgs-train"),
     (["loss.temperature=0"], r"^loss\.temperature"),
     (["loss.alpha=.nan"], r"^loss\.alpha"),
     (["loss.beta=.inf"], r"^loss\.beta"),

@@ -21,6 +21,7 @@ METHODS = {"opd": "standard", "vgs": "vgs", "vgs-adaptive": "adaptive", "languag
 GRPO_METHODS = {"grpo": None, "grpo+opd": "standard", "grpo+vgs": "vgs"}
 ALL_METHODS = {**METHODS, **GRPO_METHODS}
 PLANNED_METHODS: tuple = ()
+TRAIN_REDUCTIONS = ("sequence", "token")  # "sum" / "none" are for callers that normalise themselves
 
 
 @dataclass
@@ -281,6 +282,9 @@ class TrainConfig:
             raise ValueError(f"loss: {msg}") from None
         if thr is not None:  # numeric strings (YAML 1.1: 1e-3) as numbers
             lc.threshold = list(thr) if isinstance(thr, tuple) else thr
+        if lc.reduction not in TRAIN_REDUCTIONS:
+            raise ValueError(f"loss.reduction must be one of {TRAIN_REDUCTIONS} in vgs-train (the trainer normalises "
+                             f"over ranks and accumulation steps itself), got {lc.reduction!r}")
         if lc.backend not in NAMES:
             raise ValueError(f"loss.backend must be one of {NAMES}, got {lc.backend!r}")
 
