@@ -84,3 +84,9 @@ def test_cli_smoke(tmp_path_factory, tmp_path):
     assert [int(r["bin"]) for r in rows] == [0, 1, 2, 3]
     assert all(0 <= float(r[k]) <= 180 for r in rows for k in ("angle_lang_vis", "angle_std_vis", "angle_std_lang"))
     assert json.load(open(os.path.join(out, "angles.json")))["param_pattern"] == SUBSET
+    readme = tmp_path / "README.md"
+    readme.write_text("a\n<!-- analyze:start -->\nstale\n<!-- analyze:end -->\nb\n")
+    assert main(["--report", os.path.join(out, "angles.json"), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "stale" not in text and text.startswith("a\n") and text.endswith("\nb\n")
+    assert "| VDS decile | 0 | 1 | 2 | 3 |" in text and "Spearman" in text

@@ -146,18 +146,17 @@ class EmbeddedConfig:
         hidden_size=96, num_hidden_layers=3, num_attention_heads=6, num_key_value_heads=2,
         intermediate_size=256))
     student: TinyModelConfig = field(default_factory=TinyModelConfig)
+    # The teacher sees (mostly image prompts); the student is a fluent language model with weak vision
+    # (mostly text-only prompts): see docs/demo.md. Text-only rows teach each its language prior.
     teacher_sft_steps: int = 800
     teacher_sft_lr: float = 3e-3
-    student_sft_steps: int = 100
+    teacher_sft_text_fraction: float = 0.25  # share of each SFT batch on the text-only view
+    teacher_phrasing_mix: float = 0.2  # share of the teacher's SFT responses in the student's phrasing
+    student_sft_steps: int = 200
     student_sft_lr: float = 3e-3
+    student_sft_text_fraction: float = 0.9
     sft_batch_size: int = 32
     sft_seed: int = 0
-    # share of each SFT batch trained on the text-only view (the language prior a pretrained VLM has)
-    teacher_sft_text_fraction: float = 0.5
-    student_sft_text_fraction: float = 0.5
-    teacher_sft_label_smoothing: float = 0.0
-    student_sft_label_smoothing: float = 0.0
-    teacher_phrasing_mix: float = 0.2  # share of the teacher's SFT responses in the student's phrasing
 
 
 @dataclass

@@ -49,7 +49,7 @@ def encode_targets(tokenizer, texts: list[str]):
 
 def sft(model, processor, examples, *, steps: int, lr: float, batch_size: int, seed: int,
         text_fraction: float = 0.0, phrasing: str = "student", phrasing_mix: float = 0.0,
-        label_smoothing: float = 0.0, log_every: int = 50, desc: str = "sft") -> list[float]:
+        log_every: int = 50, desc: str = "sft") -> list[float]:
     """Supervised warm-up on the reference responses, cross-entropy on response tokens, AdamW with linear
     warm-up and cosine decay. Returns the loss per step.
 
@@ -85,8 +85,7 @@ def sft(model, processor, examples, *, steps: int, lr: float, batch_size: int, s
                 ids, mask = encode_targets(tok, view_resp)
                 h = response_hidden(model, append_completion(enc, ids, mask), ids.shape[1])
                 logits = model.get_output_embeddings()(h[mask]).float()
-                total = total + torch.nn.functional.cross_entropy(logits, ids[mask], reduction="sum",
-                                                                  label_smoothing=label_smoothing)
+                total = total + torch.nn.functional.cross_entropy(logits, ids[mask], reduction="sum")
                 n_tok += int(mask.sum())
             loss = total / n_tok
             opt.zero_grad(set_to_none=True)
@@ -128,9 +127,9 @@ def deterministic(threads: int = PREP_THREADS):
 DATA_KEYS = ("n_train", "n_eval", "image_size", "task_seed")
 MODEL_KEYS = {
     "teacher": ("tokenizer_vocab", "teacher", "teacher_sft_steps", "teacher_sft_lr", "teacher_sft_text_fraction",
-                "teacher_phrasing_mix", "teacher_sft_label_smoothing", "sft_batch_size", "sft_seed"),
+                "teacher_phrasing_mix", "sft_batch_size", "sft_seed"),
     "student": ("tokenizer_vocab", "student", "student_sft_steps", "student_sft_lr", "student_sft_text_fraction",
-                "student_sft_label_smoothing", "sft_batch_size", "sft_seed"),
+                "sft_batch_size", "sft_seed"),
 }
 
 
@@ -149,10 +148,11 @@ def stage_keys(cfg: TrainConfig) -> dict:
     return {"data": data, **{m: key(m, fields, data) for m, fields in MODEL_KEYS.items()}}
 
 
-def prepare_embedded(cfg: TrainConfig, verbose: bool = True) -> dict:
+def prepare_embedded(cfg: TrainConfig, verbose: bool = True, workers: int = 1) -> dict:
     """Build (or reuse from the cache) the synthetic task, the SFT'd tiny teacher and the warmed-up tiny
     student, each stage cached on its own (changing the student's recipe does not retrain the teacher).
-    Returns paths: {"train", "eval", "teacher", "student"}."""
+    ``workers`` = 2 trains teacher and student at once in two processes (the same models: each stage runs
+    single-threaded either way). Returns paths: {"train", "eval", "teacher", "student"}."""
     e = cfg.embedded
     keys = stage_keys(cfg)
     cache = cfg.cache_dir()
@@ -167,16 +167,31 @@ def prepare_embedded(cfg: TrainConfig, verbose: bool = True) -> dict:
         return {"n_train": e.n_train, "n_eval": e.n_eval}
 
     _cached_stage(data_dir, "task data", write_data, verbose)
-    for name in ("teacher", "student"):
-        _cached_stage(paths[name], name, lambda tmp, name=name: _train_model(e, name, paths["train"], tmp, verbose),
-                      verbose)
+    todo = [m for m in ("teacher", "student") if not _finished(paths[m])]
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(len(todo), mp_context=mp.get_context("spawn")) as pool:
+            for f in [pool.submit(_model_stage, e, m, paths[m], paths["train"], verbose) for m in todo]:
+                f.result()
+    for m in ("teacher", "student"):
+        _model_stage(e, m, paths[m], paths["train"], verbose)
     return paths
+
+
+def _model_stage(e, name: str, path: str, train_path: str, verbose: bool) -> None:
+    _cached_stage(path, name, lambda tmp: _train_model(e, name, train_path, tmp, verbose), verbose)
+
+
+def _finished(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "prep.json"))
 
 
 def _cached_stage(path: str, what: str, build, verbose: bool) -> None:
     """Run ``build(tmp_dir) -> info`` unless ``path`` holds a finished stage; written to a temporary folder
     and renamed, so an interrupted preparation leaves nothing half-built behind."""
-    if os.path.exists(os.path.join(path, "prep.json")):
+    if _finished(path):
         if verbose:
             print(f"embedded default: reusing the cached {what} in {path}", flush=True)
         return
@@ -197,7 +212,7 @@ def _cached_stage(path: str, what: str, build, verbose: bool) -> None:
         try:
             os.replace(tmp, path)
         except OSError:
-            if not os.path.exists(os.path.join(path, "prep.json")):
+            if not _finished(path):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same stage first
     except BaseException:
@@ -241,7 +256,6 @@ def _train_model(e, name: str, train_path: str, out: str, verbose: bool) -> dict
                  batch_size=e.sft_batch_size, seed=seed,
                  text_fraction=e.teacher_sft_text_fraction if teacher else e.student_sft_text_fraction,
                  phrasing=name, phrasing_mix=e.teacher_phrasing_mix if teacher else 0.0,
-                 label_smoothing=e.teacher_sft_label_smoothing if teacher else e.student_sft_label_smoothing,
                  log_every=max(steps // 4, 1) if verbose else 0, desc=f"{name} sft")
     model.save_pretrained(out)
     proc.save_pretrained(out)

@@ -1,0 +1,31 @@
+"""Generated README sections: the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` is replaced
+by a tool's rendering of its results JSON (the demo's table, vgs-analyze's angles), never edited by hand."""
+
+from __future__ import annotations
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def replace_section(src: str, name: str, text: str) -> str | None:
+    """``src`` with the text between the ``name`` markers replaced by ``text`` (None without the markers)."""
+    start, end = markers(name)
+    if start not in src or end not in src:
+        return None
+    head, rest = src.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{text}\n{end}{tail}"
+
+
+def write_section(path: str, name: str, text: str) -> None:
+    """Replace the ``name`` section of the file at ``path``; SystemExit naming the markers when it has none."""
+    with open(path) as f:
+        src = f.read()
+    new = replace_section(src, name, text)
+    if new is None:
+        start, end = markers(name)
+        raise SystemExit(f"{path}: no {start} / {end} markers")
+    with open(path, "w") as f:
+        f.write(new)
+    print(f"wrote the {name} section of {path}")
