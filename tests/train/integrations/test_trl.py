@@ -11,7 +11,7 @@ import pytest
 
 from vgs_train.integrations import __doc__ as _doc  # noqa: F401  (the package imports without TRL)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 try:
     import trl  # noqa: F401

@@ -13,9 +13,9 @@ import time
 
 import pytest
 import torch
-from _train_helpers import tiny_overrides
+from train_helpers import tiny_overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # greedy rollouts (top_k=1) so that 1 and 2 processes sample the same completions; a large Adam eps so that
 # the first update is ~linear in the gradient (with eps=1e-8, Adam's g/(|g|+eps) turns fp32 summation-order
 # noise on near-zero gradients into visible parameter differences); token reduction, so that each rank's
@@ -49,9 +49,11 @@ def _metrics(run_dir) -> list[dict]:
 
 
 def _params(run_dir, step: int) -> dict:
+    """A checkpoint's parameters by name (without the "module." prefix of the DDP wrapper's state dict)."""
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(run_dir, "checkpoints", f"step_{step:07d}", "model.safetensors"))
+    sd = load_file(os.path.join(run_dir, "checkpoints", f"step_{step:07d}", "model.safetensors"))
+    return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 def _close_params(a: dict, b: dict, atol: float):
