@@ -32,7 +32,7 @@ forward:
   usual. :func:`prepare_sharded_lm_head` also registers the weight as an external parameter of the root
   module (``deepspeed.zero.register_external_parameter``, for a tied lm_head used by the root).
 
-``tests/test_distributed.py`` checks all three on 2 CPU processes (gloo) with ``torch.distributed``'s
+``tests/train/test_distributed.py`` checks all three on 2 CPU processes (gloo) with ``torch.distributed``'s
 DDP / ``fully_shard`` and ``deepspeed.initialize``: the averaged gradients equal the single-process
 gradients on the concatenated batch. (accelerate 1.x cannot enable FSDP or DeepSpeed on a CPU-only
 machine, so the trainer's FSDP2 / ZeRO-3 paths are exercised on GPUs only.)

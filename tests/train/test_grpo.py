@@ -1,5 +1,5 @@
 """GRPO (paper Sec. 8, Eq. 22): group-normalised advantages and the clipped surrogate against hand
-computations; lambda = 0 is pure GRPO and lambda = 1 pure distillation (Eq. 22 as in SPEC.md:
+computations; lambda = 0 is pure GRPO and lambda = 1 pure distillation (Eq. 22 as in docs/math.md:
 J = (1 - lambda) J_GRPO - lambda L); rewards; a rollout batch end to end."""
 
 import math
