@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
 
@@ -38,6 +39,17 @@ RANK_FILE = "{name}_rank{rank}.pt"  # state only this rank holds, e.g. grpo_buff
 RESUME_MAY_CHANGE = ("run.max_steps", "run.log_every", "run.save_every", "run.keep_checkpoints", "run.progress",
                      "run.tensorboard", "eval.", "embedded.cache_dir", "data.image_root", "data.eval",
                      "model.gradient_checkpointing", "model.attn_implementation", "loss.chunk_size", "loss.backend")
+
+
+class _TiedWeightsNote(logging.Filter):
+    """Drops accelerate's note that a tied weight (Qwen3-VL's lm_head = its input embeddings) was stored
+    once: safetensors' loader restores the tie, and the resume tests compare every parameter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+logging.getLogger("accelerate.utils.other").addFilter(_TiedWeightsNote())
 
 
 class Progress:
