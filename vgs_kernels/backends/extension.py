@@ -6,7 +6,11 @@ The extension registers ``torch.ops.vgs_kernels.vgs_rows`` (schema below) with a
 CUDA toolkit, a CUDA kernel (one thread block per row)::
 
     vgs_rows(Tensor zs, Tensor zsp, Tensor zt, Tensor ztp, Tensor coef, float temperature,
-             bool detach_target_prior, Tensor(a!)? grad_zs=None, Tensor(b!)? grad_zsp=None) -> Tensor
+             bool detach_target_prior, Tensor(a!)? grad_zs=None, Tensor(b!)? grad_zsp=None,
+             int? vocab=None) -> Tensor
+
+The CUDA kernel writes gradients in the logits' dtype when the buffers have it; the CPU kernel
+writes fp32 (fp64) and copies into buffers of another dtype.
 
 It follows the row contract of :mod:`vgs_kernels.backends.torch_rows`.
 Importing this module raises ImportError, with the reason, when the extension is not built.
@@ -43,9 +47,11 @@ def vgs_rows(
     detach_target_prior: bool,
     grad_zs: torch.Tensor | None = None,
     grad_zsp: torch.Tensor | None = None,
+    vocab: int | None = None,
 ) -> torch.Tensor:
     """The row contract of :func:`vgs_kernels.backends.torch_rows.vgs_rows`, run by the extension."""
-    return _op()(zs, zsp, zt, ztp, coef, float(temperature), bool(detach_target_prior), grad_zs, grad_zsp)
+    return _op()(zs, zsp, zt, ztp, coef, float(temperature), bool(detach_target_prior), grad_zs, grad_zsp,
+                 None if vocab is None else int(vocab))
 
 
 def rows_fn(device: str):
