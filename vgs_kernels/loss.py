@@ -200,7 +200,12 @@ def fused_linear_vgs_loss(
             grad_on and t is not None and t.requires_grad
             for t in (student_hidden, student_text_hidden if text else None, ws, bs)
         )
-        chunk = chunk_size or default_chunk_size(valid_idx.numel(), vocab, student_hidden.device, be.chunk_temps)
+        # the logits of a chunk span the full rows of the heads: 4 streams and the gathered gradient
+        # rows of the predicted-gated rows (mode="vgs"), 2 streams without the text view
+        chunk = chunk_size or default_chunk_size(
+            valid_idx.numel(), min(ws.shape[0], wt.shape[0]), student_hidden.device, be.chunk_temps,
+            dtype=student_hidden.dtype, streams=5 if text else 2,
+        )
         holder: dict = {}
         loss = _LinearFunction.apply(
             student_hidden, student_text_hidden, ws, bs, teacher_hidden, teacher_text_hidden, wt, bt,
@@ -224,7 +229,9 @@ class _LogitsFunction(torch.autograd.Function):
     def forward(ctx, zs, zsp, zt, ztp, valid_idx, weights, opts, backend, needs, holder):
         flat = [z.reshape(-1, z.shape[-1]) for z in (zs, zsp, zt, ztp)]
         source = LogitsSource(*flat, vocab=opts.vocab_size, needs=needs)
-        chunk = default_chunk_size(valid_idx.numel(), opts.vocab_size, zs.device, backend.chunk_temps)
+        # per row: 4 gathered logit rows (masked batches) and 2 gradient rows, in the logits' dtype
+        chunk = default_chunk_size(valid_idx.numel(), source.width, zs.device, backend.chunk_temps,
+                                   dtype=zs.dtype, streams=6)
         holder["result"] = result = run_vgs(
             source, valid_idx, weights, opts, backend.rows_fn, chunk, any(needs), _compute_dtype(zs)
         )
