@@ -505,7 +505,7 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device, temps: int
     A chunk row costs ``streams`` logit (or gradient) rows in ``dtype`` plus ``temps`` fp32 rows
     the row kernel allocates itself (the torch kernel's temporaries; 0 for the streaming kernels);
     as many rows as fit the budget (a quarter of free memory up to ``CUDA_CHUNK_BUDGET`` on CUDA,
-    ``CPU_CHUNK_BUDGET`` on CPU), rounded down to a multiple of ``CHUNK_ROW_MULTIPLE``, and at most
+    rounded down to a multiple of ``CHUNK_ROW_MULTIPLE``; ``CPU_CHUNK_BUDGET`` on CPU), and at most
     half the rows, so the fused path never holds the logits of the whole batch."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     row_bytes = max(1, vocab * (streams * itemsize + 4 * temps))
@@ -514,7 +514,7 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device, temps: int
     else:
         budget = CPU_CHUNK_BUDGET
     rows = max(1, budget // row_bytes)
-    if rows >= 2 * CHUNK_ROW_MULTIPLE:
+    if on_gpu(device) and rows >= 2 * CHUNK_ROW_MULTIPLE:
         rows -= rows % CHUNK_ROW_MULTIPLE
     return max(1, min(rows, math.ceil(n_rows / 2)))
 
