@@ -1,4 +1,4 @@
-// Shared by the CPU (vgs_rows_cpu.cpp) and CUDA (vgs_rows_cuda.cu) implementations of the VGS row op.
+// Shared by the CPU (vgs_rows_cpu.cpp) and CUDA (vgs_rows_cuda_host.cpp) implementations of the VGS row op.
 //
 // The row contract is the one of vgs_kernels/backends/torch_rows.py:
 //   vgs_rows(zs, zsp, zt, ztp, coef, temperature, detach_target_prior, grad_zs?, grad_zsp?) -> stats

@@ -12,23 +12,21 @@
 // in the gradient buffers' dtype (the logits' own dtype, or fp32), VEC at a time, after its loads:
 // a gradient buffer may be the logits themselves. Padding columns [vocab, width) get gradient 0.
 // fp32 math (fp64 for fp64 inputs).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
 
-#include "vgs_common.h"
+#include "vgs_rows_cuda.h"
 
 namespace vgs {
 namespace {
 
+// A finite stand-in for -inf logits (torch_rows.NEG_LOGIT, vgs_common.h's kNegLogit).
+constexpr double kNegLogit = -1.0e30;
 constexpr int kThreads = 256;  // per block
 // Blocks per SM the register budget must allow (<= 85 registers per thread at 3): fp32 math keeps
 // 3 (24 warps per SM, enough 16-byte loads in flight to stream from HBM); fp64 (not a speed target)
@@ -329,69 +327,73 @@ bool aligned16(const void* p, int64_t stride_bytes) {
   return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride_bytes % 16 == 0;
 }
 
+template <typename T>
+struct MathType {
+  using type = float;
+};
+template <>
+struct MathType<double> {
+  using type = double;
+};
+
 template <typename scalar_t, typename out_t>
-void launch(const Prepared& p, bool detach, double temperature) {
-  using acc_t = at::opmath_type<scalar_t>;
+void launch(const CudaRowsArgs& a, cudaStream_t stream) {
+  using acc_t = typename MathType<scalar_t>::type;
   constexpr int kVec = 16 / sizeof(scalar_t);
   const scalar_t* z[4];
   bool vec_ok = true;
   for (int k = 0; k < 4; ++k) {
-    z[k] = p.z[k].const_data_ptr<scalar_t>();
-    vec_ok = vec_ok && aligned16(z[k], p.z[k].stride(0) * int64_t(sizeof(scalar_t)));
+    z[k] = static_cast<const scalar_t*>(a.z[k]);
+    vec_ok = vec_ok && aligned16(z[k], a.z_stride[k] * int64_t(sizeof(scalar_t)));
   }
-  out_t* g[2] = {nullptr, nullptr};
-  int64_t g_stride[2] = {0, 0};
-  const at::Tensor* gt[2] = {&p.gs, &p.gsp};
+  out_t* g[2] = {static_cast<out_t*>(a.gs), static_cast<out_t*>(a.gsp)};
+  const int64_t g_stride[2] = {a.gs_stride, a.gsp_stride};
   for (int k = 0; k < 2; ++k) {
-    if (!gt[k]->defined()) continue;
-    g[k] = gt[k]->mutable_data_ptr<out_t>();
-    g_stride[k] = gt[k]->stride(0);
     // a pack of kVec gradients is stored at once only when it fits 16 bytes
-    if (sizeof(out_t) * kVec <= 16) vec_ok = vec_ok && aligned16(g[k], g_stride[k] * int64_t(sizeof(out_t)));
+    if (g[k] && sizeof(out_t) * kVec <= 16) vec_ok = vec_ok && aligned16(g[k], g_stride[k] * int64_t(sizeof(out_t)));
   }
-  const acc_t inv_tau = static_cast<acc_t>(1.0 / temperature);
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(p.n)), block(kThreads);
-#define VGS_LAUNCH(VEC)                                                                                        \
-  vgs_rows_kernel<scalar_t, acc_t, out_t, VEC><<<grid, block, 0, stream>>>(                                    \
-      z[0], z[1], z[2], z[3], p.z[0].stride(0), p.z[1].stride(0), p.z[2].stride(0), p.z[3].stride(0),          \
-      p.coef.const_data_ptr<float>(), g[0], g_stride[0], g[1], g_stride[1], p.stats.mutable_data_ptr<float>(), \
-      p.vocab, p.V, inv_tau, detach)
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / a.temperature);
+  const dim3 grid(static_cast<unsigned>(a.n)), block(kThreads);
+#define VGS_LAUNCH(VEC)                                                                                         \
+  vgs_rows_kernel<scalar_t, acc_t, out_t, VEC><<<grid, block, 0, stream>>>(                                     \
+      z[0], z[1], z[2], z[3], a.z_stride[0], a.z_stride[1], a.z_stride[2], a.z_stride[3], a.coef, g[0],         \
+      g_stride[0], g[1], g_stride[1], a.stats, a.vocab, a.width, inv_tau, a.detach)
   if (vec_ok) {
     VGS_LAUNCH(kVec);
   } else {
     VGS_LAUNCH(1);
   }
 #undef VGS_LAUNCH
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor vgs_rows_cuda(const at::Tensor& zs, const at::Tensor& zsp, const at::Tensor& zt, const at::Tensor& ztp,
-                         const at::Tensor& coef, double temperature, bool detach_target_prior,
-                         const std::optional<at::Tensor>& grad_zs, const std::optional<at::Tensor>& grad_zsp,
-                         std::optional<int64_t> vocab) {
-  TORCH_CHECK(zs.is_cuda(), "vgs_rows (CUDA kernel): tensors must be on a CUDA device");
-  const c10::cuda::CUDAGuard guard(zs.device());
-  // gradients are written in the logits' dtype when the buffers have it (else fp32 / fp64)
-  Prepared p = prepare(zs, zsp, zt, ztp, coef, temperature, grad_zs, grad_zsp, vocab, /*store_input_dtype=*/true);
-  for (const at::Tensor* g : {&p.gs, &p.gsp})
-    TORCH_CHECK(!g->defined() || g->device() == zs.device(), "vgs_rows: gradient buffers must be on ", zs.device());
-  TORCH_CHECK(p.n < (int64_t(1) << 31), "vgs_rows: too many rows for one launch");
-  if (p.n > 0) {
-    const at::ScalarType out = p.gs.defined() ? p.gs.scalar_type() : p.gsp.defined() ? p.gsp.scalar_type() : p.acc;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.z[0].scalar_type(), "vgs_rows_cuda", [&] {
-      if (out == p.z[0].scalar_type()) {
-        launch<scalar_t, scalar_t>(p, detach_target_prior, temperature);
-      } else {
-        launch<scalar_t, at::opmath_type<scalar_t>>(p, detach_target_prior, temperature);
-      }
-    });
+template <typename scalar_t>
+void launch_out(const CudaRowsArgs& a, CudaDtype out, cudaStream_t stream) {
+  if (out == CudaDtype::kFloat || out == CudaDtype::kDouble) {
+    launch<scalar_t, typename MathType<scalar_t>::type>(a, stream);
+  } else {
+    launch<scalar_t, scalar_t>(a, stream);
   }
-  finish(p);
-  return p.stats;
 }
 
 }  // namespace
-}  // namespace vgs
 
-TORCH_LIBRARY_IMPL(vgs_kernels, CUDA, m) { m.impl("vgs_rows", &vgs::vgs_rows_cuda); }
+void launch_vgs_rows_cuda(const CudaRowsArgs& a, CudaDtype in, CudaDtype out, void* stream) {
+  if (a.n == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (in) {
+    case CudaDtype::kFloat:
+      launch<float, float>(a, s);
+      break;
+    case CudaDtype::kDouble:
+      launch<double, double>(a, s);
+      break;
+    case CudaDtype::kHalf:
+      launch_out<c10::Half>(a, out, s);
+      break;
+    case CudaDtype::kBFloat16:
+      launch_out<c10::BFloat16>(a, out, s);
+      break;
+  }
+}
+
+}  // namespace vgs
