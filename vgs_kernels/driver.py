@@ -2,24 +2,29 @@
 
 Pass 1 walks the valid rows in chunks, computes the four KLs per row and the gradients of every
 term whose coefficient does not depend on the VDS gate. The gate needs a quantile over the whole
-batch (all ranks), so the gated terms get their gradients in pass 2, which revisits only the rows
-whose gated coefficient is non-zero (about 30 %). In ``mode="vgs"`` pass 2 needs only the text-only
-streams (the language term), so the fused-linear path runs, per row:
+batch (all ranks), so the gated terms are settled in pass 2, on the rows that need it. In
+``mode="vgs"`` (the language term is the only gated one) pass 1 predicts the gate from the VDS seen
+so far and sends on the language gradient of the predicted rows, which it has in hand; pass 2 then
+corrects only the mispredicted rows (a few percent). The fused-linear path runs, per row:
 
-* pass 1: 4 forward GEMMs (zs, zsp, zt, ztp) + 2 backward GEMMs for zs (grad_h, grad_W);
-* pass 2 (gated rows only): 2 forward GEMMs (zsp, ztp) + 2 backward GEMMs for zsp.
+* pass 1: 4 forward GEMMs (zs, zsp, zt, ztp) + 2 backward GEMMs for zs (grad_h, grad_W), and 2 for
+  zsp on the predicted rows (~30 %);
+* pass 2 (mispredicted rows only): 2 forward GEMMs (zsp, ztp) + 2 backward GEMMs for zsp.
 
-That is 6 + 4 * 0.3 = 7.2 GEMMs per row at the default quantile, against 8.6 for a design that
-runs a teacher-only VDS pre-pass first and then everything (2 + 4 + 2 + 0.6).
+That is 6 + 2 * 0.3 + 4 * (a few %) GEMMs per row at the default quantile: the minimal set plus
+the corrections, against 7.2 for recomputing every gated row in pass 2 and 8.6 for a design that
+runs a teacher-only VDS pre-pass first (2 + 4 + 2 + 0.6). In ``adaptive`` / ``language`` modes
+pass 2 recomputes the gated rows (their gated terms touch all four streams).
 
 Memory per chunk of ``c`` rows (``LinearSource``): one [c, W] logits buffer per stream in the
 hidden states' dtype, reused from chunk to chunk; the row kernel writes each logit gradient in
 place into its stream's buffer (in that dtype), so a chunk holds no gradient buffer and no fp32
-copy of the logits. The GEMMs run on the full rows of the lm_head weights (W = their row count,
-e.g. 151936 for Qwen), the row kernels mask the ids [vocab_size, W). The weight gradient is
-accumulated in place into one fp32 [V, H] buffer (never a weight-sized temporary per chunk). fp16
-gradients are scaled by a power of two before they are rounded (the per-row coefficients, ~1/N,
-would make them underflow) and the scale is undone in the fp32 accumulation.
+copy of the logits (the predicted rows' text-stream gradients are gathered, at most one more
+[c, W]). The GEMMs run on the full rows of the lm_head weights (W = their row count, e.g. 151936
+for Qwen), the row kernels mask the ids [vocab_size, W). The weight gradient is accumulated in
+place into one fp32 [V, H] buffer (never a weight-sized temporary per chunk). fp16 gradients are
+scaled by a power of two before they are rounded (the per-row coefficients, ~1/N, would make them
+underflow) and the scale is undone in the fp32 accumulation.
 """
 
 from __future__ import annotations

@@ -1,45 +1,44 @@
 """Triton row kernel: the ``triton`` backend (row contract of :mod:`vgs_kernels.backends.torch_rows`).
 
-One program per token row streams the row's logits over vocabulary blocks of ``BLOCK_V``:
+One program per token row streams the row's ids [0, vocab) in blocks of ``BLOCK_V`` (unmasked full
+blocks, then one masked tail); columns [vocab, width) are padding, never read:
 
 * **Pass A (statistics)** reads z_s, z_sp, z_t, z_tp once each (all loads upcast to fp32, ``-inf``
   read as ``NEG_LOGIT``, divided by tau) and forms the visual-target logits x_r = x_sp + x_t - x_tp
-  in registers. It keeps an online softmax for the five distributions (running max m and
-  sum-exp l of p, p', q, q', r) and four online cross terms, each relative to the running maxima,
-  e.g. for std = KL(p||q)::
+  in registers. Every lane (one entry of the block) keeps its own online softmax for the five
+  distributions (running max m and sum-exp l of p, p', q, q', r) and four cross terms, relative
+  to its running maxima, e.g. for std = KL(p||q)::
 
       B_st = sum_i exp(x_s,i - m_s) * ((x_s,i - m_s) - (x_t,i - m_t))
 
-  rescaled when the maxima move (B <- exp(m_s - m_s') * (B + l_s * ((m_s - m_s') - (m_t - m_t'))));
-  at the end std = B_st / l_s - log l_s + log l_t, and likewise vis = KL(p||r) (weights p),
-  lang = KL(p'||q') (weights p') and vds = KL(q||q') (weights q). Keeping the cross terms relative
-  to the maxima avoids cancelling large absolute logits (|z| ~ 1e4) against the log-sum-exps.
+  updated entry by entry with one exp per stream (exp(-|x - m|) is either the rescale of the old
+  sums or the new entry's weight) and no reduction inside the loop; after the loop one reduction
+  per quantity re-expresses the lanes relative to the row maxima M
+  (B <- sum_lanes exp(m_s - M_s) * (B + l_s * ((m_s - M_s) - (m_t - M_t)))). Then std =
+  B_st / l_s - log l_s + log l_t, and likewise vis = KL(p||r) (weights p), lang = KL(p'||q')
+  (weights p') and vds = KL(q||q') (weights q). Keeping the cross terms relative to the maxima
+  avoids cancelling large absolute logits (|z| ~ 1e4) against the log-sum-exps.
 * **Pass B (gradients, only when ``grad_zs`` / ``grad_zsp`` are given)** re-reads the row and
-  writes, in fp32, grad_zs = p (c_std (log p - log q - std) + c_vis (log p - log r - vis)) / tau and
-  grad_zsp = (c_lang p' (log p' - log q' - lang) + c_prior (r - p)) / tau.
+  writes grad_zs = p (c_std (log p - log q - std) + c_vis (log p - log r - vis)) / tau and
+  grad_zsp = (c_lang p' (log p' - log q' - lang) + c_prior (r - p)) / tau, rounded to the buffers'
+  dtype (the logits' own: the driver passes the logits buffers, written in place after each
+  block's loads), and 0 on the padding columns.
 
 Reads per row: without gradients each of the four streams is read once (4 row reads); with
-gradients twice (8 row reads) plus one fp32 row write per requested gradient. Gradients need the
+gradients twice (8 row reads) plus one row write per requested gradient. Gradients need the
 final log-sum-exps and KLs, so a second read is the minimum for a streaming kernel (Liger's cross
-entropy does the same). When the driver's gated pass feeds the text-only pair as
+entropy does the same). When the driver's correction pass feeds the text-only pair as
 ``(zsp, zsp, ztp, ztp)`` (``mode="vgs"``, language term only), the kernel sees the aliasing and
-reads just those two streams (2 reads, 4 with the gradient).
-
-GEMMs of the fused-linear driver (:mod:`vgs_kernels.driver`, shared by every backend), in the
-default ``mode="vgs"``: pass 1 runs 4 forward GEMMs per row (z_s, z_sp, z_t, z_tp) + 2 backward
-GEMMs for z_s (grad_hidden, grad_weight) and calls this kernel with ``grad_zs``; after the global
-VDS quantile, pass 2 revisits only gated rows (~30 % at quantile 0.7) with 2 forward GEMMs
-(z_sp, z_tp) + 2 backward GEMMs for z_sp, calling this kernel on the aliased text-only pair:
-6 + 4 * 0.3 = 7.2 GEMMs per row, against 8.6 for a teacher-only VDS pre-pass design. The driver
-holds at most one chunk of logits per stream (plus one or two fp32 gradient chunks). In
-``adaptive`` / ``language`` modes pass 2 re-runs all four forward GEMMs on its rows; with
-``detach_target_prior=False`` (or ``language``) pass 1 also writes ``grad_zsp`` (+2 GEMMs).
+reads just those two streams (2 reads, 4 with the gradient). The GEMMs around it are the driver's
+(:mod:`vgs_kernels.driver`).
 
 All arithmetic is fp32; fp64 inputs fall back to the torch row function. In the interpreter
 (``TRITON_INTERPRET=1``, CPU tensors) one fixed config is used (``INTERPRET_BLOCK_V``, 4 warps);
-on CUDA a heuristic picks ``BLOCK_V`` / ``num_warps`` from V (2048 / 8 warps for large V: 86
-registers, no spills on sm_90 per ``cuobjdump``). No autotuning; only ``tl.exp`` / ``tl.log``,
-no explicit libdevice calls.
+on CUDA a heuristic picks ``BLOCK_V`` / ``num_warps`` from V (1024 / 8 warps for large V: 4 lanes
+per thread, 102-126 registers, no spills on sm_90 per ``cuobjdump``; ``CONFIG_OVERRIDE`` replaces
+it, for sweeps). No autotuning; only ``tl.exp`` / ``tl.log``, no explicit libdevice calls. No
+split of a row over several programs: the driver's chunks (>= 1024 rows at Qwen shapes) fill the
+GPU with one program per row.
 """
 
 from __future__ import annotations
@@ -53,9 +52,8 @@ import triton.language as tl
 
 from . import torch_rows
 
-# Start value of the running maxima (and fill of the padding lanes in the block maxima): below
-# every real logit (the smallest is about -3e30 / tau, an x_r made of NEG_LOGIT terms) yet finite,
-# so that l_old * (m_old - m_new) is 0, not NaN, on the first block.
+# Start value of the running maxima: below every real logit (the smallest is about -3e30 / tau, an
+# x_r made of NEG_LOGIT terms) yet finite, so that l_old * (m_old - m_new) is 0, not NaN, at first.
 _M_INIT = tl.constexpr(-3.0e38)
 
 # Block of the vocabulary per loop step in interpreter mode (small so tests cover several blocks).
@@ -299,11 +297,17 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# (BLOCK_V, num_warps) to use on CUDA instead of the heuristic (benchmarks sweep it); None: heuristic.
+CONFIG_OVERRIDE: tuple[int, int] | None = None
+
+
 def _config(vocab: int, device: torch.device) -> tuple[int, int]:
     """(BLOCK_V, num_warps): one fixed config in the interpreter, a V-based heuristic on CUDA
     (4 lanes per thread at the largest block: 14 running values per lane stay in registers)."""
     if device.type != "cuda" or _interpreting():
         return INTERPRET_BLOCK_V, 4
+    if CONFIG_OVERRIDE is not None:
+        return CONFIG_OVERRIDE
     block = min(BLOCK_V_MAX, triton.next_power_of_2(max(vocab, 16)))
     return block, max(1, min(8, block // 128))
 
