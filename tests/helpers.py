@@ -76,6 +76,8 @@ def row_cases(cpu=("torch", "cpu"), cuda=("torch", "triton", "cuda")):
                 why = f"{name}: {status.get(name)}"
             elif name == "triton" and device == "cuda" and _interpreting_triton():
                 why = "Triton is interpreting (TRITON_INTERPRET=1); compiled Triton: VGS_TRITON_TEST_DEVICE=cuda"
+            elif name == "triton" and device == "cpu" and not _interpreting_triton():
+                why = "Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
             marks = [pytest.mark.skip(reason=why)] if why else []
             out.append(pytest.param(device, name, id=f"{device}-{name}", marks=marks))
     return out

@@ -153,3 +153,16 @@ def test_cpu_accumulate_never_forms_an_out_sized_temporary():
         driver.accumulate_mm(out, a, b, 0.5)
     torch.testing.assert_close(out, 0.5 * (a.float() @ b.float()))
     assert (V, H) not in rec.shapes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_accumulate_is_in_place_and_fp32_accurate(dtype):
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(300, 64, generator=g), torch.randn(64, 40, generator=g)
+    out = torch.randn(300, 40, generator=g).cuda()
+    want = out.cpu() + 0.5 * (a.to(dtype).float() @ b.to(dtype).float())
+    ptr = out.data_ptr()
+    driver.accumulate_mm(out, a.to(dtype).cuda(), b.to(dtype).cuda(), 0.5)
+    assert out.data_ptr() == ptr and out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-4)

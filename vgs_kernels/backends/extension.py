@@ -18,9 +18,9 @@ Importing this module raises ImportError, with the reason, when the extension is
 
 from __future__ import annotations
 
-import torch
-
 from pathlib import Path
+
+import torch
 
 # What setup.py recorded about the build ("built: ...", "skipped: ...", "failed: ..."), if anything.
 BUILD_RECORD = Path(__file__).resolve().parents[1] / "_C_build.txt"
