@@ -447,12 +447,15 @@ def run(args) -> dict:
     import vgs_kernels
 
     root = Path(vgs_kernels.__file__).resolve().parent.parent
+    versions = C.versions()
+    # the modelled code's commit (+dirty only for uncommitted changes under vgs_kernels/)
+    versions["git_commit"] = _git_commit(root)
     return {
         "benchmark": "gpu_model",
         "schema_version": 1,
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join([Path(sys.executable).name, "-m", "benchmarks.gpu_model", *sys.argv[1:]]),
-        "versions": C.versions(),
+        "versions": versions,
         "package_root": str(root),
         "package_git_commit": _git_commit(root),
         "constants": k,
