@@ -100,7 +100,9 @@ def vgs_loss(
         temperature: softmax temperature tau, a finite number >= 1e-6 (smaller values would
             overflow the finite fp32 stand-in for -inf logits once divided by tau).
         sync_metrics: False keeps ``out.metrics`` as device tensors (no ``.item()`` host sync for
-            them; the driver still synchronises to select rows and to take the quantile).
+            them; the driver still synchronises to select rows, to take the quantile (also per
+            chunk, for the predicted gate of ``mode="vgs"``, unless ``threshold`` or ``gate`` is
+            given) and, for fp16 inputs, to pick each chunk's gradient scale).
         The remaining keywords are described in README.md.
 
     -inf logits are allowed where a stream's counterpart has them too. A teacher row with -inf
