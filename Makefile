@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test-deps demo test lint clean
+.PHONY: install test-deps demo test lint clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,14 @@ test-deps: install
 test: test-deps
 	$(PY) -m pytest -q tests
 
+# On a GPU machine with torch (CUDA), triton and nvcc installed (no network, no .venv): build the
+# extension there, CUDA tests, kernel / row-kernel / step benchmarks, README tables; <= 8 minutes.
+GPU_PYTHON ?= python3
+gpu-check:
+	$(GPU_PYTHON) -m benchmarks.gpu_check
+
 lint: install
 	$(PY) -m ruff check vgs_kernels vgs_train tests benchmarks
 
 clean:
-	rm -rf build *.egg-info vgs_kernels/_C*.so
+	rm -rf build *.egg-info vgs_kernels/_C*.so vgs_kernels/_C_build.txt

@@ -4,10 +4,12 @@
     python -m benchmarks.report --readme README.md # replace the text between the marker lines
                                                    # <!-- benchmarks:start --> and <!-- benchmarks:end -->
 
-For every result file (kernels, training step, cpu row kernel): the device it ran on, the shapes,
-every B*T row of every fused backend -- those that miss a target included, marked -- and, in every
-time cell, the number of timed runs behind the median (``n=?`` for files written before ``n`` was
-recorded). Quick (CI-sized) result files are left out unless ``--include-quick``.
+For every result file (kernels, training step, cpu row kernel, gpu-check): the device it ran on, the
+shapes, every B*T row of every fused backend -- those that miss a target included, marked -- and, in
+every time cell, the number of timed runs behind the median (``n=?`` for files written before ``n``
+was recorded). Measured results come first (GPU, then CPU), then the modelled ones
+(``benchmarks.gpu_model``: no GPU involved, or one that only calibrated the constants), under their
+own heading. Quick (CI-sized) result files are left out unless ``--include-quick``.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 from . import common as C
 
 START, END = "<!-- benchmarks:start -->", "<!-- benchmarks:end -->"
-KINDS = ("kernels", "step", "cpu_rows")
+KINDS = ("gpu_check", "kernels", "step", "cpu_rows", "gpu_model")
+MODELLED = ("gpu_model",)
 MET, MISSED = "✓", "✗ missed"
 
 
@@ -36,6 +39,8 @@ def load(results_dir: Path, include_quick: bool) -> list[dict]:
             continue  # not a benchmark result
         if doc.get("quick") and not include_quick:
             continue
+        if doc["benchmark"] == "gpu_model" and path.stem == "gpu_model-before":
+            continue  # shown as the "before" rows of gpu_model.json
         doc["_file"] = path.name
         docs.append(doc)
     return docs
@@ -270,8 +275,82 @@ def cpu_rows_section(doc) -> list[str]:
     return out
 
 
+# ----------------------------------------------------------------------------- gpu-check
+def gpu_check_section(doc) -> list[str]:
+    env = doc.get("environment", {})
+    out = [f"#### gpu-check: {env.get('gpu', '?')} ({doc.get('created_utc', '?')})", "",
+           f"`make gpu-check` on torch {env.get('torch')} (CUDA {env.get('cuda')}), {_ver(doc)}; budget "
+           f"{doc.get('budget_s', '?'):.0f} s.", ""]
+    out.append(C.table([[f"`{r['step']}`", r["status"], "-" if "seconds" not in r else f"{r['seconds']:.0f} s",
+                         (r.get("reason") or "")[:120]] for r in doc.get("steps", [])],
+                       ["step", "status", "time", "note"]))
+    out.append("")
+    rk = doc.get("row_kernels") or {}
+    res = [r for r in rk.get("results", []) if "median_ms" in r]
+    if res:
+        out.append(f"Row kernels alone, the pass-1 call on [{rk['rows']}, {rk['vocab']}] bf16 (vocab_size "
+                   f"{rk['vocab_size']}), gradients in place; bandwidth = bytes the kernel must move / time:")
+        out.append("")
+        out.append(C.table([[f"`{r['kernel']}`", C.fmt_time_n(r["median_ms"] / 1e3, r.get("n")),
+                             f"{r['gb_per_s']:.0f} GB/s"] for r in res], ["kernel", "time", "bandwidth"]))
+        out.append("")
+    cmp_ = doc.get("comparison") or []
+    if cmp_:
+        out.append("Measured against the model with the measured constants (`gpu_model-calibrated-*.json`):")
+        out.append("")
+        out.append(C.table([[f"`{r['case']}`", str(r["rows"]), f"{r['measured_ms']:.1f} ms", f"{r['modelled_ms']:.1f} ms",
+                             f"{r['measured_over_modelled']:.2f}x", C.fmt_bytes(r.get("measured_peak_bytes")),
+                             C.fmt_bytes(r.get("modelled_peak_bytes"))] for r in cmp_],
+                           ["case", "B*T", "measured", "modelled", "measured / modelled", "measured peak",
+                            "modelled peak"]))
+        out.append("")
+    return out
+
+
+# ----------------------------------------------------------------------------- gpu model
+def gpu_model_section(doc) -> list[str]:
+    k = doc.get("constants", {})
+    sh = doc.get("shapes", {})
+    calibrated = doc.get("_file", "").startswith("gpu_model-calibrated")
+    title = f"GPU cost model, constants measured on {doc['_file'][len('gpu_model-calibrated-'):-5]}" if calibrated \
+        else "GPU cost model (no GPU)"
+    out = [f"#### {title} ({doc.get('created_utc', '?')})", "",
+           f"`python -m benchmarks.gpu_model`: the real host code on fake tensors, {sh.get('dtype')}, V = "
+           f"{sh.get('vocab')} (vocab_size {sh.get('vocab_size')}), H_student = {sh.get('hidden_student')}, "
+           f"H_teacher = {sh.get('hidden_teacher')}; a modelled {k.get('device', 'GPU')}: GEMMs at "
+           f"{k.get('gemm_tflops')} TFLOP/s, other kernels at {k.get('hbm_tbps')} TB/s, {k.get('launch_us')} us per "
+           f"launch, chunk budget from {k.get('free_fraction', 0) * k.get('device_memory_gib', 0):.0f} GiB free "
+           f"(`benchmarks/results/{doc['_file']}`; {_ver(doc)}). GEMM floor: the loss's minimal GEMM FLOPs at the "
+           "same rate. Liger traced eagerly (unfused elementwise ops). \"before\": the model run on "
+           f"{((doc.get('before') or {}).get('git_commit')) or 'the previous code'}.", ""]
+    cases = doc.get("cases", [])
+    before = (doc.get("before") or {}).get("cases") or []
+    liger = {c["rows"]: c for c in cases if c["name"] == "liger_jsd"}
+    rows = []
+    for tag, group in (("", cases), ("before: ", before)):
+        for c in group:
+            lg = liger.get(c["rows"])
+            rows.append([f"{tag}`{c['name']}`", str(c["rows"]), str(c.get("chunk_rows")),
+                         f"{c['gemm_floor_ms']:.1f} ms", f"{c['modelled_ms']:.1f} ms",
+                         f"{c['ratio_to_gemm_floor']:.2f}x", C.fmt_bytes(c["peak_temp_bytes"]),
+                         "-" if lg is None or c["name"] == "liger_jsd" else
+                         f"{c['peak_temp_bytes'] / lg['peak_temp_bytes']:.2f}x",
+                         str(c["weight_sized_temporaries"])])
+    out.append(C.table(rows, ["case", "B*T", "chunk rows", "GEMM floor", "modelled", "modelled / floor",
+                              "peak temporaries", "peak / Liger's", "fp32 [V, H] tensors"]))
+    out.append("")
+    return out
+
+
 # ----------------------------------------------------------------------------- assembly
-SECTIONS = {"kernels": kernels_section, "step": step_section, "cpu_rows": cpu_rows_section}
+SECTIONS = {"kernels": kernels_section, "step": step_section, "cpu_rows": cpu_rows_section,
+            "gpu_check": gpu_check_section, "gpu_model": gpu_model_section}
+
+
+def _device_type(doc) -> str:
+    if doc["benchmark"] == "gpu_check":
+        return "cuda"
+    return (doc.get("device") or {}).get("type", "model")
 
 
 def render(docs: list[dict]) -> str:
@@ -283,16 +362,28 @@ def render(docs: list[dict]) -> str:
         out.append("")
         return "\n".join(out)
     order = {k: i for i, k in enumerate(KINDS)}
-    for d in sorted(docs, key=lambda d: (d["device"]["type"] != "cuda", order[d["benchmark"]], d["_file"])):
-        try:
-            out += SECTIONS[d["benchmark"]](d)
-        except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
-            print(f"warning: {d['_file']}: cannot render ({type(exc).__name__}: {exc})", file=sys.stderr)
-            out += [f"_`benchmarks/results/{d['_file']}` could not be rendered ({type(exc).__name__})._", ""]
-    if not any(d["device"]["type"] == "cuda" for d in docs):
-        out.append("_No GPU results yet: the GPU rows (Qwen3-VL shapes, bf16) stay open._")
+    measured = [d for d in docs if d["benchmark"] not in MODELLED]
+    modelled = [d for d in docs if d["benchmark"] in MODELLED]
+    out += ["### Measured", ""]
+    if not any(_device_type(d) == "cuda" for d in measured):
+        out.append("_No GPU measurements yet (`make gpu-check` on a GPU machine writes them): the GPU rows (Qwen3-VL "
+                   "shapes, bf16) stay open; the modelled GPU numbers are further down._")
         out.append("")
+    for d in sorted(measured, key=lambda d: (_device_type(d) != "cuda", order[d["benchmark"]], d["_file"])):
+        out += _section(d)
+    if modelled:
+        out += ["### Modelled", ""]
+        for d in sorted(modelled, key=lambda d: d["_file"]):
+            out += _section(d)
     return "\n".join(out)
+
+
+def _section(d) -> list[str]:
+    try:
+        return SECTIONS[d["benchmark"]](d)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as exc:
+        print(f"warning: {d['_file']}: cannot render ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return [f"_`benchmarks/results/{d['_file']}` could not be rendered ({type(exc).__name__})._", ""]
 
 
 def replace_between_markers(src: str, text: str) -> str | None:

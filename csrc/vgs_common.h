@@ -1,9 +1,11 @@
-// Shared by the CPU (vgs_rows_cpu.cpp) and CUDA (vgs_rows_cuda.cu) implementations of the VGS row op.
+// Shared by the CPU (vgs_rows_cpu.cpp) and CUDA (vgs_rows_cuda_host.cpp) implementations of the VGS row op.
 //
 // The row contract is the one of vgs_kernels/backends/torch_rows.py:
 //   vgs_rows(zs, zsp, zt, ztp, coef, temperature, detach_target_prior, grad_zs?, grad_zsp?) -> stats
 // zs..ztp: [n, V] logits of one float dtype, last dim contiguous, any row stride;
-// coef: [n, 3] (c_std, c_vis, c_lang); grads: [n, V] buffers overwritten with the logit gradients;
+// coef: [n, 3] (c_std, c_vis, c_lang); grads: [n, V] buffers overwritten with the logit gradients
+// (they may be zs / zsp themselves: kernels read each entry before writing it); vocab: the real ids
+// [0, vocab) of a row, columns [vocab, V) are padding (never read, gradient 0);
 // stats: [n, 4] float32 (std, vis, lang, vds). Math in fp32 (fp64 for fp64 inputs);
 // -inf logits are read as NEG_LOGIT.
 #pragma once
@@ -18,9 +20,9 @@ namespace vgs {
 constexpr double kNegLogit = -1.0e30;
 
 // Inputs after the checks: four [n, V] logits of one dtype with unit column stride, fp32 coef,
-// and the buffers the kernel writes gradients into (acc dtype, unit column stride). When a caller's
-// gradient tensor cannot be written directly (other dtype or layout), the kernel writes a temporary
-// that is copied back afterwards.
+// and the buffers the kernel writes gradients into (unit column stride; the acc dtype, or the
+// logits' dtype for kernels that store it). When a caller's gradient tensor cannot be written
+// directly (other dtype or layout), the kernel writes a temporary that is copied back afterwards.
 struct Prepared {
   at::Tensor z[4];
   at::Tensor coef;
@@ -28,6 +30,7 @@ struct Prepared {
   at::Tensor gs_out, gsp_out;    // the caller's tensors when a copy back is needed
   at::Tensor stats;              // [n, 4] float32
   int64_t n = 0, V = 0;
+  int64_t vocab = 0;  // real ids per row (<= V)
   at::ScalarType acc = at::kFloat;
 };
 
@@ -47,9 +50,11 @@ inline at::Tensor grad_buffer(const std::optional<at::Tensor>& g, const char* na
   return at::empty({n, V}, t.options().dtype(acc));
 }
 
+// store_input_dtype: the kernel can write gradients in the logits' dtype (else only in the acc dtype).
 inline Prepared prepare(const at::Tensor& zs, const at::Tensor& zsp, const at::Tensor& zt, const at::Tensor& ztp,
                         const at::Tensor& coef, double temperature, const std::optional<at::Tensor>& grad_zs,
-                        const std::optional<at::Tensor>& grad_zsp) {
+                        const std::optional<at::Tensor>& grad_zsp, std::optional<int64_t> vocab,
+                        bool store_input_dtype) {
   const at::Tensor* in[4] = {&zs, &zsp, &zt, &ztp};
   const char* names[4] = {"zs", "zsp", "zt", "ztp"};
   TORCH_CHECK(zs.dim() == 2, "vgs_rows: zs must be [n, V], got ", zs.sizes());
@@ -70,9 +75,15 @@ inline Prepared prepare(const at::Tensor& zs, const at::Tensor& zsp, const at::T
   TORCH_CHECK(coef.dim() == 2 && coef.size(0) == p.n && coef.size(1) == 3, "vgs_rows: coef must be [", p.n,
               ", 3], got ", coef.sizes());
   p.coef = coef.to(zs.device(), at::kFloat).contiguous();
+  p.vocab = vocab.has_value() ? *vocab : p.V;
+  TORCH_CHECK(p.vocab >= 0 && p.vocab <= p.V, "vgs_rows: vocab must be in [0, ", p.V, "], got ", p.vocab);
   p.acc = dt == at::kDouble ? at::kDouble : at::kFloat;
-  p.gs = grad_buffer(grad_zs, "grad_zs", p.n, p.V, p.acc, p.gs_out);
-  p.gsp = grad_buffer(grad_zsp, "grad_zsp", p.n, p.V, p.acc, p.gsp_out);
+  // one gradient dtype for both buffers: the logits' when the kernel stores it and the first buffer has it
+  at::ScalarType out = p.acc;
+  const std::optional<at::Tensor>& first = (grad_zs.has_value() && grad_zs->defined()) ? grad_zs : grad_zsp;
+  if (store_input_dtype && first.has_value() && first->defined() && first->scalar_type() == dt) out = dt;
+  p.gs = grad_buffer(grad_zs, "grad_zs", p.n, p.V, out, p.gs_out);
+  p.gsp = grad_buffer(grad_zsp, "grad_zsp", p.n, p.V, out, p.gsp_out);
   p.stats = at::empty({p.n, 4}, zs.options().dtype(at::kFloat));
   return p;
 }

@@ -34,7 +34,8 @@ struct RowsArgs {
   void* gsp;
   int64_t gs_stride, gsp_stride;
   float* stats;  // [n, 4] contiguous
-  int64_t V;
+  int64_t V;      // row length of the gradient buffers
+  int64_t vocab;  // real ids [0, vocab) of a row (columns [vocab, V) are padding)
   double temperature;
   bool detach;
 };
@@ -100,8 +101,9 @@ static RowsFn pick_kernel(at::ScalarType dt) {
 
 at::Tensor vgs_rows_cpu(const at::Tensor& zs, const at::Tensor& zsp, const at::Tensor& zt, const at::Tensor& ztp,
                         const at::Tensor& coef, double temperature, bool detach_target_prior,
-                        const std::optional<at::Tensor>& grad_zs, const std::optional<at::Tensor>& grad_zsp) {
-  Prepared p = prepare(zs, zsp, zt, ztp, coef, temperature, grad_zs, grad_zsp);
+                        const std::optional<at::Tensor>& grad_zs, const std::optional<at::Tensor>& grad_zsp,
+                        std::optional<int64_t> vocab) {
+  Prepared p = prepare(zs, zsp, zt, ztp, coef, temperature, grad_zs, grad_zsp, vocab, /*store_input_dtype=*/false);
   TORCH_CHECK(zs.device().is_cpu(), "vgs_rows (CPU kernel): tensors must be on the CPU");
   const RowsFn fn = pick_kernel(p.z[0].scalar_type());
   TORCH_CHECK(fn != nullptr, "vgs_rows: unsupported dtype ", p.z[0].scalar_type());
@@ -117,10 +119,12 @@ at::Tensor vgs_rows_cpu(const at::Tensor& zs, const at::Tensor& zsp, const at::T
   a.gsp_stride = p.gsp.defined() ? p.gsp.stride(0) : 0;
   a.stats = p.stats.data_ptr<float>();
   a.V = p.V;
+  a.vocab = p.vocab;
   a.temperature = temperature;
   a.detach = detach_target_prior;
   if (p.n > 0) {
-    // Each row is independent; small rows are batched so a task has >= ~16k vocabulary entries.
+    // Each row is independent (a gradient buffer may be that row's logits: each block is read before it
+    // is written); small rows are batched so a task has >= ~16k vocabulary entries.
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, p.V));
     at::parallel_for(0, p.n, grain, [&](int64_t b, int64_t e) { fn(a, b, e); });
   }
@@ -131,8 +135,11 @@ at::Tensor vgs_rows_cpu(const at::Tensor& zs, const at::Tensor& zsp, const at::T
 // Shapes only, for fake tensors / torch.compile.
 at::Tensor vgs_rows_meta(const at::Tensor& zs, const at::Tensor& zsp, const at::Tensor& zt, const at::Tensor& ztp,
                          const at::Tensor& coef, double temperature, bool detach_target_prior,
-                         const std::optional<at::Tensor>& grad_zs, const std::optional<at::Tensor>& grad_zsp) {
+                         const std::optional<at::Tensor>& grad_zs, const std::optional<at::Tensor>& grad_zsp,
+                         std::optional<int64_t> vocab) {
   TORCH_CHECK(zs.dim() == 2, "vgs_rows: zs must be [n, V], got ", zs.sizes());
+  TORCH_CHECK(!vocab.has_value() || (*vocab >= 0 && *vocab <= zs.size(1)), "vgs_rows: vocab must be in [0, ",
+              zs.size(1), "]");
   for (const at::Tensor* t : {&zsp, &zt, &ztp})
     TORCH_CHECK(t->sizes() == zs.sizes(), "vgs_rows: logits must share the shape of zs ", zs.sizes(), ", got ",
                 t->sizes());
@@ -148,7 +155,7 @@ at::Tensor vgs_rows_meta(const at::Tensor& zs, const at::Tensor& zsp, const at::
 TORCH_LIBRARY(vgs_kernels, m) {
   m.def(
       "vgs_rows(Tensor zs, Tensor zsp, Tensor zt, Tensor ztp, Tensor coef, float temperature, "
-      "bool detach_target_prior, Tensor(a!)? grad_zs=None, Tensor(b!)? grad_zsp=None) -> Tensor");
+      "bool detach_target_prior, Tensor(a!)? grad_zs=None, Tensor(b!)? grad_zsp=None, int? vocab=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vgs_kernels, CPU, m) { m.impl("vgs_rows", &vgs::vgs_rows_cpu); }

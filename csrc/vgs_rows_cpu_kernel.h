@@ -9,7 +9,8 @@
 //      KLs, A_ab = sum_j e_a (y_a - y_b) with y = x - m, for (a, b) = (s, t), (s, r), (sp, tp), (t, tp):
 //      KL(a || b) = A_ab / S_a - (log S_a - log S_b), exact 0 for identical rows.
 //   2. (only when gradients are requested) log-probabilities from the five (max, log-sum) pairs and
-//      the gradients written straight into the output rows.
+//      the gradients written straight into the output rows, each block after its loads (an output
+//      row may be the logits row itself); padding columns [vocab, V) get gradient 0.
 #ifndef VGS_ISA_NS
 #error "define VGS_ISA_NS before including vgs_rows_cpu_kernel.h"
 #endif
@@ -108,7 +109,8 @@ static void rows(const RowsArgs& a, int64_t begin, int64_t end) {
   acc_t* __restrict xt = buf[2];
   acc_t* __restrict xtp = buf[3];
   acc_t* __restrict xr = buf[4];
-  const int64_t V = a.V;
+  const int64_t V = a.vocab;  // the loops see the real ids only
+  const int64_t width = a.V;
   const acc_t inv_tau = acc_t(1.0 / a.temperature);
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
 
@@ -204,9 +206,15 @@ static void rows(const RowsArgs& a, int64_t begin, int64_t end) {
     acc_t* gsp = a.gsp ? static_cast<acc_t*>(a.gsp) + row * a.gsp_stride : nullptr;
     const bool do_gs = gs && (c_std != 0 || c_vis != 0);
     const bool do_gsp = gsp && (c_lang != 0 || c_prior != 0);
-    if (gs && !do_gs) std::fill(gs, gs + V, acc_t(0));
-    if (gsp && !do_gsp) std::fill(gsp, gsp + V, acc_t(0));
-    if (!do_gs && !do_gsp) continue;
+    // zeros where no gradient is computed: the padding, and whole rows with zero coefficients (after
+    // the loop below, which may still read a logits row that is also a gradient row)
+    if (gs) std::fill(gs + V, gs + width, acc_t(0));
+    if (gsp) std::fill(gsp + V, gsp + width, acc_t(0));
+    if (!do_gs && !do_gsp) {
+      if (gs) std::fill(gs, gs + V, acc_t(0));
+      if (gsp) std::fill(gsp, gsp + V, acc_t(0));
+      continue;
+    }
     const bool need_r = (do_gs && c_vis != 0) || (do_gsp && c_prior != 0);
     const bool need_s = do_gs || (do_gsp && c_prior != 0);
     const bool need_sp = need_r || do_gsp;
@@ -271,6 +279,8 @@ static void rows(const RowsArgs& a, int64_t begin, int64_t end) {
         }
       }
     }
+    if (gs && !do_gs) std::fill(gs, gs + V, acc_t(0));
+    if (gsp && !do_gsp) std::fill(gsp, gsp + V, acc_t(0));
   }
 }
 

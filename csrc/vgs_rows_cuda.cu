@@ -1,35 +1,43 @@
 // CUDA kernel of torch.ops.vgs_kernels.vgs_rows (compiled only with a CUDA build of torch and a CUDA
 // toolkit; setup.py defines VGS_WITH_CUDA then). Same math as the CPU kernel (vgs_rows_cpu_kernel.h):
 //
-// One thread block per row. Read 1: every thread runs an online softmax over its strided share of
-// the vocabulary for the five streams (s, sp, t, tp and the target r = sp + t - tp), keeping per
-// stream a running maximum m and sum S = sum exp(x - m), and the four KL numerators
-// A_ab = sum e_a ((x_a - m_a) - (x_b - m_b)); the per-thread states are merged with warp shuffles and
-// then across warps through shared memory; thread 0 turns them into the four KLs
-// (KL(a||b) = A_ab / S_a - (log S_a - log S_b)). Read 2 (only when gradients are requested): every
-// thread writes the logit gradients of its entries. fp32 math (fp64 for fp64 inputs).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+// One thread block per row (kThreads threads, several blocks per SM). Read 1: every thread runs an
+// online softmax over its share of the row's ids [0, vocab) for the five streams (s, sp, t, tp and
+// the target r = sp + t - tp), VEC contiguous entries at a time (one 16-byte load per stream when
+// the rows are 16-byte aligned, else one entry), keeping per stream a running maximum m and sum
+// S = sum exp(x - m), and the four KL numerators A_ab = sum e_a ((x_a - m_a) - (x_b - m_b)); the
+// per-thread states are merged with warp shuffles and then across warps through shared memory; one
+// thread turns them into the four KLs (KL(a||b) = A_ab / S_a - (log S_a - log S_b)). Read 2 (only
+// when gradients are requested): every thread reads its entries again and writes their gradients
+// in the gradient buffers' dtype (the logits' own dtype, or fp32), VEC at a time, after its loads:
+// a gradient buffer may be the logits themselves. Padding columns [vocab, width) get gradient 0.
+// fp32 math (fp64 for fp64 inputs).
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <cuda_runtime.h>
 
 #include <cmath>
-#include <limits>
+#include <cstdint>
+#include <type_traits>
 
-#include "vgs_common.h"
+#include "vgs_rows_cuda.h"
 
 namespace vgs {
 namespace {
 
-constexpr int kGroup = 4;
+// A finite stand-in for -inf logits (torch_rows.NEG_LOGIT, vgs_common.h's kNegLogit).
+constexpr double kNegLogit = -1.0e30;
+constexpr int kThreads = 256;  // per block
+// Blocks per SM the register budget must allow (<= 85 registers per thread at 3): fp32 math keeps
+// 3 (24 warps per SM, enough 16-byte loads in flight to stream from HBM); fp64 (not a speed target)
+// gets the registers of 1, so neither spills.
+template <typename acc_t>
+constexpr int kMinBlocks = std::is_same_v<acc_t, double> ? 1 : 3;
 
 template <typename T>
 __device__ __forceinline__ T neg_inf() {
   return -static_cast<T>(INFINITY);
-}  // entries per thread per step (independent loads in flight)
+}
 
 __device__ __forceinline__ float dexp(float x) { return __expf(x); }
 __device__ __forceinline__ double dexp(double x) { return exp(x); }
@@ -74,6 +82,33 @@ struct State {
     for (int k = 0; k < 5; ++k) m[k] = mn[k];
   }
 
+  // Add N entries x[stream][i] (their maxima first, then one exp per entry and stream).
+  template <int N>
+  __device__ __forceinline__ void add(const acc_t (&x)[5][N]) {
+    acc_t mn[5];
+#pragma unroll
+    for (int k = 0; k < 5; ++k) {
+      mn[k] = m[k];
+#pragma unroll
+      for (int i = 0; i < N; ++i) mn[k] = x[k][i] > mn[k] ? x[k][i] : mn[k];
+    }
+    rebase(mn);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      acc_t y[5], e[5];
+#pragma unroll
+      for (int k = 0; k < 5; ++k) {
+        y[k] = x[k][i] - m[k];
+        e[k] = dexp(y[k]);
+        S[k] += e[k];
+      }
+      A[0] += e[0] * (y[0] - y[2]);
+      A[1] += e[0] * (y[0] - y[4]);
+      A[2] += e[1] * (y[1] - y[3]);
+      A[3] += e[2] * (y[2] - y[3]);
+    }
+  }
+
   __device__ __forceinline__ void merge(State o) {
     if (o.empty()) return;
     if (empty()) {
@@ -104,80 +139,140 @@ struct State {
   }
 };
 
-template <typename scalar_t, typename acc_t>
-__device__ __forceinline__ acc_t load_scaled(const scalar_t* p, int64_t j, acc_t inv_tau) {
-  acc_t x = static_cast<acc_t>(p[j]);
-  x = x < acc_t(kNegLogit) ? acc_t(kNegLogit) : x;
-  return x * inv_tau;
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
+
+// x[i] = max(p[j + i], NEG_LOGIT) * inv_tau for i < N; one vector load when N > 1 (the caller
+// guarantees 16-byte alignment then).
+template <int N, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_scaled(const scalar_t* p, int64_t j, acc_t inv_tau, acc_t (&x)[N]) {
+  if constexpr (N == 1) {
+    x[0] = static_cast<acc_t>(p[j]);
+  } else {
+    const Pack<scalar_t, N> v = *reinterpret_cast<const Pack<scalar_t, N>*>(p + j);
+#pragma unroll
+    for (int i = 0; i < N; ++i) x[i] = static_cast<acc_t>(v.v[i]);
+  }
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const acc_t y = x[i] < acc_t(kNegLogit) ? acc_t(kNegLogit) : x[i];
+    x[i] = y * inv_tau;
+  }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(1024) vgs_rows_kernel(
-    const scalar_t* __restrict__ zs, const scalar_t* __restrict__ zsp, const scalar_t* __restrict__ zt,
-    const scalar_t* __restrict__ ztp, int64_t st_s, int64_t st_sp, int64_t st_t, int64_t st_tp,
-    const float* __restrict__ coef, acc_t* __restrict__ gs, int64_t gs_stride, acc_t* __restrict__ gsp,
-    int64_t gsp_stride, float* __restrict__ stats, int64_t V, acc_t inv_tau, bool detach) {
-  const int64_t row = blockIdx.x;
-  const int tid = threadIdx.x, nthreads = blockDim.x;
-  const scalar_t* ps = zs + row * st_s;
-  const scalar_t* psp = zsp + row * st_sp;
-  const scalar_t* pt = zt + row * st_t;
-  const scalar_t* ptp = ztp + row * st_tp;
+// p[j + i] = g[i] in out_t; 16-byte stores where the pack fits in 16 bytes (alignment checked by
+// the caller when N > 1), else one entry at a time.
+template <int N, typename out_t, typename acc_t>
+__device__ __forceinline__ void store(out_t* p, int64_t j, const acc_t (&g)[N]) {
+  if constexpr (N > 1 && sizeof(out_t) * N <= 16) {
+    Pack<out_t, N> v;
+#pragma unroll
+    for (int i = 0; i < N; ++i) v.v[i] = static_cast<out_t>(g[i]);
+    *reinterpret_cast<Pack<out_t, N>*>(p + j) = v;
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) p[j + i] = static_cast<out_t>(g[i]);
+  }
+}
 
-  // ---- read 1: per-thread online softmax over groups of kGroup entries ----
+template <typename acc_t>
+struct RowStats {
+  acc_t m[5], logS[5], kl[3];
+};
+
+template <typename scalar_t>
+struct Rows {
+  const scalar_t* p[4];  // this row of zs, zsp, zt, ztp (zs == zsp and zt == ztp are allowed)
+};
+
+// N entries of all four streams at j (+ the target r).
+template <int N, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void load_all(const Rows<scalar_t>& r, int64_t j, acc_t inv_tau,
+                                         acc_t (&x)[5][N]) {
+#pragma unroll
+  for (int k = 0; k < 4; ++k) load_scaled<N>(r.p[k], j, inv_tau, x[k]);
+#pragma unroll
+  for (int i = 0; i < N; ++i) x[4][i] = (x[1][i] + x[2][i]) - x[3][i];
+}
+
+// Gradients of N entries at j, written after the loads (the buffers may be the logits).
+template <int N, typename scalar_t, typename acc_t, typename out_t>
+__device__ __forceinline__ void grad_entries(const Rows<scalar_t>& r, int64_t j, acc_t inv_tau,
+                                             const RowStats<acc_t>& rs, out_t* g_s, out_t* g_sp, bool do_gs,
+                                             bool do_gsp, acc_t cs, acc_t cv, acc_t cl, acc_t cp) {
+  acc_t gs[N], gsp[N];
+  if (do_gs || do_gsp) {
+    acc_t x[5][N];
+    load_all<N>(r, j, inv_tau, x);
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+      const acc_t ls = (x[0][i] - rs.m[0]) - rs.logS[0], lsp = (x[1][i] - rs.m[1]) - rs.logS[1];
+      const acc_t lt = (x[2][i] - rs.m[2]) - rs.logS[2], ltp = (x[3][i] - rs.m[3]) - rs.logS[3];
+      const acc_t lr = (x[4][i] - rs.m[4]) - rs.logS[4];
+      const acc_t p = dexp(ls);
+      acc_t g = 0;
+      if (do_gs) {
+        if (cs != acc_t(0)) g += cs * (ls - lt - rs.kl[0]);
+        if (cv != acc_t(0)) g += cv * (ls - lr - rs.kl[1]);
+        g *= p;
+      }
+      gs[i] = g;
+      acc_t h = 0;
+      if (do_gsp) {
+        if (cl != acc_t(0)) h += dexp(lsp) * (cl * (lsp - ltp - rs.kl[2]));
+        if (cp != acc_t(0)) h += cp * (dexp(lr) - p);
+      }
+      gsp[i] = h;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) gs[i] = gsp[i] = 0;
+  }
+  if (g_s) store<N>(g_s, j, gs);
+  if (g_sp) store<N>(g_sp, j, gsp);
+}
+
+template <typename scalar_t, typename acc_t, typename out_t, int VEC>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t>) vgs_rows_kernel(
+    const scalar_t* zs, const scalar_t* zsp, const scalar_t* zt, const scalar_t* ztp, int64_t st_s, int64_t st_sp,
+    int64_t st_t, int64_t st_tp, const float* __restrict__ coef, out_t* gs, int64_t gs_stride, out_t* gsp,
+    int64_t gsp_stride, float* __restrict__ stats, int64_t vocab, int64_t width, acc_t inv_tau, bool detach) {
+  const int64_t row = blockIdx.x;
+  const int tid = threadIdx.x;
+  Rows<scalar_t> r;
+  r.p[0] = zs + row * st_s;
+  r.p[1] = zsp + row * st_sp;
+  r.p[2] = zt + row * st_t;
+  r.p[3] = ztp + row * st_tp;
+  const int64_t vec_end = vocab - vocab % VEC;  // [0, vec_end) in packs of VEC, then single entries
+
+  // ---- read 1: per-thread online softmax ----
   State<acc_t> st;
   st.clear();
-  for (int64_t base = tid; base < V; base += int64_t(nthreads) * kGroup) {
-    acc_t x[5][kGroup];
-    acc_t gm[5];
-#pragma unroll
-    for (int k = 0; k < 5; ++k) gm[k] = neg_inf<acc_t>();
-#pragma unroll
-    for (int g = 0; g < kGroup; ++g) {
-      const int64_t j = base + int64_t(g) * nthreads;
-      if (j < V) {
-        x[0][g] = load_scaled(ps, j, inv_tau);
-        x[1][g] = load_scaled(psp, j, inv_tau);
-        x[2][g] = load_scaled(pt, j, inv_tau);
-        x[3][g] = load_scaled(ptp, j, inv_tau);
-        x[4][g] = (x[1][g] + x[2][g]) - x[3][g];
-#pragma unroll
-        for (int k = 0; k < 5; ++k) gm[k] = x[k][g] > gm[k] ? x[k][g] : gm[k];
-      }
-    }
-    acc_t mn[5];
-#pragma unroll
-    for (int k = 0; k < 5; ++k) mn[k] = gm[k] > st.m[k] ? gm[k] : st.m[k];
-    st.rebase(mn);
-#pragma unroll
-    for (int g = 0; g < kGroup; ++g) {
-      const int64_t j = base + int64_t(g) * nthreads;
-      if (j < V) {
-        acc_t y[5], e[5];
-#pragma unroll
-        for (int k = 0; k < 5; ++k) {
-          y[k] = x[k][g] - st.m[k];
-          e[k] = dexp(y[k]);
-          st.S[k] += e[k];
-        }
-        st.A[0] += e[0] * (y[0] - y[2]);
-        st.A[1] += e[0] * (y[0] - y[4]);
-        st.A[2] += e[1] * (y[1] - y[3]);
-        st.A[3] += e[2] * (y[2] - y[3]);
-      }
-    }
+  for (int64_t j = int64_t(tid) * VEC; j < vec_end; j += int64_t(kThreads) * VEC) {
+    acc_t x[5][VEC];
+    load_all<VEC>(r, j, inv_tau, x);
+    st.add<VEC>(x);
+  }
+  for (int64_t j = vec_end + tid; j < vocab; j += kThreads) {
+    acc_t x[5][1];
+    load_all<1>(r, j, inv_tau, x);
+    st.add<1>(x);
   }
 
   // ---- merge: within warps, then across warps ----
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) st.shfl_merge(off);
-  __shared__ State<acc_t> warp_states[32];
-  __shared__ acc_t row_m[5], row_logS[5], row_kl[3];
-  const int warp = tid >> 5, lane = tid & 31, nwarps = (nthreads + 31) >> 5;
+  constexpr int kWarps = kThreads / 32;
+  __shared__ State<acc_t> warp_states[kWarps];
+  __shared__ RowStats<acc_t> rs_shared;
+  const int warp = tid >> 5, lane = tid & 31;
   if (lane == 0) warp_states[warp] = st;
   __syncthreads();
   if (warp == 0) {
-    if (lane < nwarps) {
+    if (lane < kWarps) {
       st = warp_states[lane];
     } else {
       st.clear();
@@ -185,107 +280,120 @@ __global__ void __launch_bounds__(1024) vgs_rows_kernel(
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) st.shfl_merge(off);
     if (lane == 0) {
-      acc_t logS[5];
+      RowStats<acc_t> rs;
 #pragma unroll
       for (int k = 0; k < 5; ++k) {
-        logS[k] = dlog(st.S[k]);
-        row_m[k] = st.m[k];
-        row_logS[k] = logS[k];
+        rs.m[k] = st.m[k];
+        rs.logS[k] = dlog(st.S[k]);
       }
-      const acc_t std_kl = st.A[0] / st.S[0] - (logS[0] - logS[2]);
-      const acc_t vis_kl = st.A[1] / st.S[0] - (logS[0] - logS[4]);
-      const acc_t lang_kl = st.A[2] / st.S[1] - (logS[1] - logS[3]);
-      const acc_t vds_kl = st.A[3] / st.S[2] - (logS[2] - logS[3]);
+      const acc_t std_kl = st.A[0] / st.S[0] - (rs.logS[0] - rs.logS[2]);
+      const acc_t vis_kl = st.A[1] / st.S[0] - (rs.logS[0] - rs.logS[4]);
+      const acc_t lang_kl = st.A[2] / st.S[1] - (rs.logS[1] - rs.logS[3]);
+      const acc_t vds_kl = st.A[3] / st.S[2] - (rs.logS[2] - rs.logS[3]);
       float* out = stats + row * 4;
       out[0] = float(std_kl);
       out[1] = float(vis_kl);
       out[2] = float(lang_kl);
       out[3] = float(vds_kl);
-      row_kl[0] = std_kl;
-      row_kl[1] = vis_kl;
-      row_kl[2] = lang_kl;
+      rs.kl[0] = std_kl;
+      rs.kl[1] = vis_kl;
+      rs.kl[2] = lang_kl;
+      rs_shared = rs;
     }
   }
   if (gs == nullptr && gsp == nullptr) return;
   __syncthreads();
 
   // ---- read 2: gradients ----
+  const RowStats<acc_t> rs = rs_shared;
   const acc_t c_std = coef[row * 3 + 0], c_vis = coef[row * 3 + 1], c_lang = coef[row * 3 + 2];
   const acc_t c_prior = detach ? acc_t(0) : c_vis;
-  acc_t* g_s = gs ? gs + row * gs_stride : nullptr;
-  acc_t* g_sp = gsp ? gsp + row * gsp_stride : nullptr;
+  out_t* g_s = gs ? gs + row * gs_stride : nullptr;
+  out_t* g_sp = gsp ? gsp + row * gsp_stride : nullptr;
   const bool do_gs = g_s && (c_std != acc_t(0) || c_vis != acc_t(0));
   const bool do_gsp = g_sp && (c_lang != acc_t(0) || c_prior != acc_t(0));
-  const acc_t m0 = row_m[0], m1 = row_m[1], m2 = row_m[2], m3 = row_m[3], m4 = row_m[4];
-  const acc_t l0 = row_logS[0], l1 = row_logS[1], l2 = row_logS[2], l3 = row_logS[3], l4 = row_logS[4];
-  const acc_t kstd = row_kl[0], kvis = row_kl[1], klang = row_kl[2];
   const acc_t cs = c_std * inv_tau, cv = c_vis * inv_tau, cl = c_lang * inv_tau, cp = c_prior * inv_tau;
-  for (int64_t j = tid; j < V; j += nthreads) {
-    if (!do_gs && !do_gsp) {
-      if (g_s) g_s[j] = acc_t(0);
-      if (g_sp) g_sp[j] = acc_t(0);
-      continue;
-    }
-    const acc_t xs = load_scaled(ps, j, inv_tau), xsp = load_scaled(psp, j, inv_tau);
-    const acc_t xt = load_scaled(pt, j, inv_tau), xtp = load_scaled(ptp, j, inv_tau);
-    const acc_t ls = (xs - m0) - l0, lsp = (xsp - m1) - l1, lt = (xt - m2) - l2, ltp = (xtp - m3) - l3;
-    const acc_t lr = (((xsp + xt) - xtp) - m4) - l4;
-    const acc_t p = dexp(ls);
-    if (g_s) {
-      acc_t g = 0;
-      if (do_gs) {
-        if (c_std != acc_t(0)) g += cs * (ls - lt - kstd);
-        if (c_vis != acc_t(0)) g += cv * (ls - lr - kvis);
-        g *= p;
-      }
-      g_s[j] = g;
-    }
-    if (g_sp) {
-      acc_t g = 0;
-      if (do_gsp) {
-        if (c_lang != acc_t(0)) g += dexp(lsp) * (cl * (lsp - ltp - klang));
-        if (c_prior != acc_t(0)) g += cp * (dexp(lr) - p);
-      }
-      g_sp[j] = g;
-    }
+  for (int64_t j = int64_t(tid) * VEC; j < vec_end; j += int64_t(kThreads) * VEC)
+    grad_entries<VEC>(r, j, inv_tau, rs, g_s, g_sp, do_gs, do_gsp, cs, cv, cl, cp);
+  for (int64_t j = vec_end + tid; j < vocab; j += kThreads)
+    grad_entries<1>(r, j, inv_tau, rs, g_s, g_sp, do_gs, do_gsp, cs, cv, cl, cp);
+  for (int64_t j = vocab + tid; j < width; j += kThreads) {  // padding columns
+    if (g_s) g_s[j] = out_t(0);
+    if (g_sp) g_sp[j] = out_t(0);
   }
 }
 
-int threads_for(int64_t V) {
-  int t = 32;
-  while (t < 1024 && int64_t(t) * 16 < V) t <<= 1;
-  return t;
+bool aligned16(const void* p, int64_t stride_bytes) {
+  return reinterpret_cast<uintptr_t>(p) % 16 == 0 && stride_bytes % 16 == 0;
 }
 
-at::Tensor vgs_rows_cuda(const at::Tensor& zs, const at::Tensor& zsp, const at::Tensor& zt, const at::Tensor& ztp,
-                         const at::Tensor& coef, double temperature, bool detach_target_prior,
-                         const std::optional<at::Tensor>& grad_zs, const std::optional<at::Tensor>& grad_zsp) {
-  TORCH_CHECK(zs.is_cuda(), "vgs_rows (CUDA kernel): tensors must be on a CUDA device");
-  const c10::cuda::CUDAGuard guard(zs.device());
-  Prepared p = prepare(zs, zsp, zt, ztp, coef, temperature, grad_zs, grad_zsp);
-  for (const at::Tensor* g : {&p.gs, &p.gsp})
-    TORCH_CHECK(!g->defined() || g->device() == zs.device(), "vgs_rows: gradient buffers must be on ", zs.device());
-  TORCH_CHECK(p.n < (int64_t(1) << 31), "vgs_rows: too many rows for one launch");
-  if (p.n > 0) {
-    const int threads = threads_for(p.V);
-    auto stream = c10::cuda::getCurrentCUDAStream();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.z[0].scalar_type(), "vgs_rows_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      vgs_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p.n), threads, 0, stream>>>(
-          p.z[0].const_data_ptr<scalar_t>(), p.z[1].const_data_ptr<scalar_t>(), p.z[2].const_data_ptr<scalar_t>(),
-          p.z[3].const_data_ptr<scalar_t>(), p.z[0].stride(0), p.z[1].stride(0), p.z[2].stride(0),
-          p.z[3].stride(0), p.coef.const_data_ptr<float>(),
-          p.gs.defined() ? p.gs.mutable_data_ptr<acc_t>() : nullptr, p.gs.defined() ? p.gs.stride(0) : 0,
-          p.gsp.defined() ? p.gsp.mutable_data_ptr<acc_t>() : nullptr, p.gsp.defined() ? p.gsp.stride(0) : 0,
-          p.stats.mutable_data_ptr<float>(), p.V, static_cast<acc_t>(1.0 / temperature), detach_target_prior);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+template <typename T>
+struct MathType {
+  using type = float;
+};
+template <>
+struct MathType<double> {
+  using type = double;
+};
+
+template <typename scalar_t, typename out_t>
+void launch(const CudaRowsArgs& a, cudaStream_t stream) {
+  using acc_t = typename MathType<scalar_t>::type;
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const scalar_t* z[4];
+  bool vec_ok = true;
+  for (int k = 0; k < 4; ++k) {
+    z[k] = static_cast<const scalar_t*>(a.z[k]);
+    vec_ok = vec_ok && aligned16(z[k], a.z_stride[k] * int64_t(sizeof(scalar_t)));
   }
-  finish(p);
-  return p.stats;
+  out_t* g[2] = {static_cast<out_t*>(a.gs), static_cast<out_t*>(a.gsp)};
+  const int64_t g_stride[2] = {a.gs_stride, a.gsp_stride};
+  for (int k = 0; k < 2; ++k) {
+    // a pack of kVec gradients is stored at once only when it fits 16 bytes
+    if (g[k] && sizeof(out_t) * kVec <= 16) vec_ok = vec_ok && aligned16(g[k], g_stride[k] * int64_t(sizeof(out_t)));
+  }
+  const acc_t inv_tau = static_cast<acc_t>(1.0 / a.temperature);
+  const dim3 grid(static_cast<unsigned>(a.n)), block(kThreads);
+#define VGS_LAUNCH(VEC)                                                                                         \
+  vgs_rows_kernel<scalar_t, acc_t, out_t, VEC><<<grid, block, 0, stream>>>(                                     \
+      z[0], z[1], z[2], z[3], a.z_stride[0], a.z_stride[1], a.z_stride[2], a.z_stride[3], a.coef, g[0],         \
+      g_stride[0], g[1], g_stride[1], a.stats, a.vocab, a.width, inv_tau, a.detach)
+  if (vec_ok) {
+    VGS_LAUNCH(kVec);
+  } else {
+    VGS_LAUNCH(1);
+  }
+#undef VGS_LAUNCH
+}
+
+template <typename scalar_t>
+void launch_out(const CudaRowsArgs& a, CudaDtype out, cudaStream_t stream) {
+  if (out == CudaDtype::kFloat || out == CudaDtype::kDouble) {
+    launch<scalar_t, typename MathType<scalar_t>::type>(a, stream);
+  } else {
+    launch<scalar_t, scalar_t>(a, stream);
+  }
 }
 
 }  // namespace
-}  // namespace vgs
 
-TORCH_LIBRARY_IMPL(vgs_kernels, CUDA, m) { m.impl("vgs_rows", &vgs::vgs_rows_cuda); }
+void launch_vgs_rows_cuda(const CudaRowsArgs& a, CudaDtype in, CudaDtype out, void* stream) {
+  if (a.n == 0) return;
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (in) {
+    case CudaDtype::kFloat:
+      launch<float, float>(a, s);
+      break;
+    case CudaDtype::kDouble:
+      launch<double, double>(a, s);
+      break;
+    case CudaDtype::kHalf:
+      launch_out<c10::Half>(a, out, s);
+      break;
+    case CudaDtype::kBFloat16:
+      launch_out<c10::BFloat16>(a, out, s);
+      break;
+  }
+}
+
+}  // namespace vgs

@@ -1,16 +1,33 @@
-"""The two-pass VGS driver shared by every backend, and the two row sources it reads from.
+"""The two-pass VGS driver shared by every backend, and the two row sources it reads from
+(docs/kernels.md).
 
 Pass 1 walks the valid rows in chunks, computes the four KLs per row and the gradients of every
 term whose coefficient does not depend on the VDS gate. The gate needs a quantile over the whole
-batch (all ranks), so the gated terms get their gradients in pass 2, which revisits only the rows
-whose gated coefficient is non-zero (about 30 %). In ``mode="vgs"`` pass 2 needs only the text-only
-streams (the language term), so the fused-linear path runs, per row:
+batch (all ranks), so the gated terms are settled in pass 2, on the rows that need it. In
+``mode="vgs"`` (the language term is the only gated one) pass 1 predicts the gate from the VDS seen
+so far and sends on the language gradient of the predicted rows, which it has in hand; pass 2 then
+corrects only the mispredicted rows (a few percent; none with a fixed ``threshold`` or a caller's
+``gate``, which pass 1 uses as the prediction). The fused-linear path runs, per row:
 
-* pass 1: 4 forward GEMMs (zs, zsp, zt, ztp) + 2 backward GEMMs for zs (grad_h, grad_W);
-* pass 2 (gated rows only): 2 forward GEMMs (zsp, ztp) + 2 backward GEMMs for zsp.
+* pass 1: 4 forward GEMMs (zs, zsp, zt, ztp) + 2 backward GEMMs for zs (grad_h, grad_W), and 2 for
+  zsp on the predicted rows (~30 %);
+* pass 2 (mispredicted rows only): 2 forward GEMMs (zsp, ztp) + 2 backward GEMMs for zsp.
 
-That is 6 + 4 * 0.3 = 7.2 GEMMs per row at the default quantile, against 8.6 for a design that
-runs a teacher-only VDS pre-pass first and then everything (2 + 4 + 2 + 0.6).
+That is 6 + 2 * 0.3 + 4 * (a few %) GEMMs per row at the default quantile: the minimal set plus
+the corrections, against 7.2 for recomputing every gated row in pass 2 and 8.6 for a design that
+runs a teacher-only VDS pre-pass first (2 + 4 + 2 + 0.6). In ``adaptive`` / ``language`` modes
+pass 2 recomputes the gated rows (their gated terms touch all four streams).
+
+Memory per chunk of ``c`` rows (``LinearSource``): one [c, W] logits buffer per stream in the
+hidden states' dtype, reused from chunk to chunk; the row kernel writes each logit gradient in
+place into its stream's buffer (in that dtype), so a chunk holds no gradient buffer and no fp32
+copy of the logits (the predicted rows' text-stream gradients are gathered, at most one more
+[c, W]). The GEMMs run on the full rows of the lm_head weights (W = their row count, e.g. 151936
+for Qwen), the row kernels mask the ids [vocab_size, W). The weight gradient is accumulated in
+place into one fp32 [V, H] buffer (never a weight-sized temporary per chunk). fp16 gradients are
+scaled by a power of two before they are rounded (the per-row coefficients, ~1/N, would make them
+underflow) and the scale is undone where the gradient is accumulated (the fp32 hidden / weight
+gradients of ``LinearSource``; ``LogitsSource``'s buffers in the logits' dtype).
 """
 
 from __future__ import annotations
@@ -21,27 +38,41 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 from .options import VGSOptions
-from .threshold import gate_and_ramp
+from .threshold import gate_and_ramp, quantiles
 
 RowsFn = Callable[..., torch.Tensor]
 STREAMS = ("s", "sp", "t", "tp")
+Rows = slice | torch.Tensor  # a contiguous range of rows, or sorted unique row indices [n] (long)
 
 
 class RowSource(Protocol):
-    """Where the driver reads logit rows from and sends their gradients to."""
+    """Where the driver reads logit rows from and sends their gradients to.
 
-    vocab: int
+    The driver passes ``rows`` as a ``slice`` when the chunk is a contiguous range of the source's
+    rows (every row valid: no gather), else as a sorted long tensor of row indices.
+    """
+
+    rows: int  # N, the number of rows (valid_idx indexes them)
+    vocab: int  # ids [0, vocab) count; logits columns [vocab, width) are padding the row kernel masks
+    width: int  # length of the logit rows handed to the row kernel (>= vocab)
     wants: frozenset[str]  # student streams ('s', 'sp') whose logit gradients are used
 
-    def logits(self, idx: torch.Tensor, streams: tuple[str, ...]) -> list[torch.Tensor]:
-        """[n, vocab] logits of the requested streams ('s', 'sp', 't', 'tp') for rows ``idx``."""
+    def logits(self, rows: Rows, streams: tuple[str, ...]) -> list[torch.Tensor]:
+        """[n, width] logits of the requested streams ('s', 'sp', 't', 'tp') for ``rows``; valid
+        until the next call (a source may reuse its buffers)."""
 
-    def backward(self, idx: torch.Tensor, stream: str, grad: torch.Tensor) -> None:
-        """Accumulate dL/dlogits ([n, vocab]; fp32, fp64 for fp64 inputs) of student stream 's' or
-        'sp' (one of ``wants``) for rows idx."""
+    def grad_buffer(self, stream: str, logits: torch.Tensor) -> torch.Tensor:
+        """The [n, width] tensor the row kernel writes dL/dlogits of ``stream`` into, given that
+        stream's ``logits`` from the current chunk: ``logits`` itself (in place) or a new tensor."""
+
+    def backward(self, rows: Rows, stream: str, grad: torch.Tensor, scale: float) -> None:
+        """Accumulate ``grad / scale`` (``grad``: a ``grad_buffer`` holding dL/dlogits times the
+        power of two ``scale``) of student stream 's' or 'sp' (one of ``wants``) for ``rows``."""
+
+    def release(self) -> None:
+        """Free per-chunk work buffers (called when the driver is done)."""
 
 
 @dataclass
@@ -99,6 +130,24 @@ def _chunks(n: int, size: int):
         yield start, min(start + size, n)
 
 
+def grad_scale(coef: torch.Tensor, dtype: torch.dtype) -> float:
+    """The power of two the row kernel multiplies a chunk's logit gradients by before rounding them
+    to ``dtype``: 1 except for fp16, where it brings the largest per-row sum of |coefficients|
+    into [1, 2) (coefficients ~1/N would push fp16 gradients into underflow; an exact power of two
+    is undone exactly in the fp32 accumulation)."""
+    if dtype != torch.float16 or coef.numel() == 0:
+        return 1.0
+    peak = float(coef.abs().sum(dim=1).max())
+    if not (peak > 0 and math.isfinite(peak)):
+        return 1.0
+    return 2.0 ** -math.floor(math.log2(peak))
+
+
+def gated_rows(coef2: torch.Tensor) -> torch.Tensor:
+    """Indices (into the valid rows) of the rows with a non-zero gated coefficient, sorted."""
+    return (coef2 != 0).any(dim=1).nonzero().squeeze(1)
+
+
 def run_vgs(
     source: RowSource,
     valid_idx: torch.Tensor,
@@ -107,15 +156,30 @@ def run_vgs(
     rows_fn: RowsFn,
     chunk_size: int,
     need_grad: bool,
-    compute_dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
     gate: torch.Tensor | None = None,
 ) -> DriverResult:
     """Run both passes over the rows ``valid_idx`` ([n_valid] long) with reduction ``weights``.
 
     With ``need_grad``, the logit gradients of the student streams in ``source.wants`` are computed
-    (in ``compute_dtype``) and sent to ``source.backward``; the other stream's are never formed.
-    ``gate`` ([n_valid] {0, 1}): the caller's gate instead of the thresholded VDS.
+    and sent to ``source.backward``; the other stream's are never formed. ``rows_fn`` follows the
+    row contract of :mod:`vgs_kernels.backends.torch_rows` (called with ``vocab=source.vocab``
+    and gradient buffers from ``source.grad_buffer``, which may be the logits themselves).
+    ``compute_dtype`` is accepted for compatibility and unused: gradients are written in the
+    logits' dtype (fp32 math inside the row kernels either way). ``gate`` ([n_valid] {0, 1}): the
+    caller's gate instead of the thresholded VDS.
+
+    Predicted gate (``mode="vgs"``, ``detach_target_prior=True``, the text stream trainable): the
+    gated language term needs the batch's VDS quantile, known only after pass 1. Pass 1 therefore
+    also writes the ungated language gradient of every row into the text stream's buffer and sends
+    on at once the rows whose VDS exceeds the quantile of the VDS seen so far (this rank's rows;
+    exact with a fixed ``threshold`` or a caller's ``gate``, which is then the prediction); pass 2
+    only corrects the rows whose final gate differs from that prediction (+beta w where gated but
+    not predicted, -beta w where predicted but not gated; ``w`` carries the reduction weights,
+    token ``weights`` and gamma), recomputing their logits. The sum is exactly the gated term;
+    typically a few percent of the rows are corrected instead of recomputing the 30 % gated ones.
     """
+    del compute_dtype
     n = valid_idx.numel()
     device = valid_idx.device
     w = weights * opts.gamma
@@ -127,38 +191,60 @@ def run_vgs(
     coef1 = torch.stack([c_std, c_vis, c_lang], dim=1)
     grad_sp_in_pass1 = mode == "language" or (mode == "vgs" and not opts.detach_target_prior)
     want_s = need_grad and "s" in source.wants
-    want_sp = need_grad and "sp" in source.wants
+    want_sp = need_grad and "sp" in source.wants and grad_sp_in_pass1
+    predict = need_grad and mode == "vgs" and opts.detach_target_prior and "sp" in source.wants and beta != 0
+    # the row kernel's coefficients in pass 1: with a predicted gate, also the ungated language term
+    kernel_coef1 = torch.stack([c_std, c_vis, beta * w], dim=1) if predict else coef1
+    predicted = torch.zeros(n, device=device) if predict else None
+    # every row valid: valid_idx is arange(N) (sorted, unique), so chunks are slices (no gathers)
+    all_rows = n == source.rows
 
     stats = torch.empty(n, 4, device=device)
-    for a, b in _chunks(n, chunk_size):
-        idx = valid_idx[a:b]
-        zs, zsp, zt, ztp = source.logits(idx, STREAMS)
-        g_s = torch.empty(zs.shape, device=device, dtype=compute_dtype) if want_s else None
-        g_sp = torch.empty(zsp.shape, device=device, dtype=compute_dtype) if want_sp and grad_sp_in_pass1 else None
-        stats[a:b] = rows_fn(
-            zs, zsp, zt, ztp, coef1[a:b], temperature=opts.temperature,
-            detach_target_prior=opts.detach_target_prior, grad_zs=g_s, grad_zsp=g_sp,
-        )
-        del zs, zsp, zt, ztp
-        if g_s is not None:
-            source.backward(idx, "s", g_s)
-        if g_sp is not None:
-            source.backward(idx, "sp", g_sp)
-        del g_s, g_sp
+    try:
+        for a, b in _chunks(n, chunk_size):
+            rows = slice(a, b) if all_rows else valid_idx[a:b]
+            zs, zsp, zt, ztp = source.logits(rows, STREAMS)
+            g_s = source.grad_buffer("s", zs) if want_s else None
+            g_sp = source.grad_buffer("sp", zsp) if want_sp or predict else None
+            c = kernel_coef1[a:b]
+            grads = [g for g in (g_s, g_sp) if g is not None]
+            scale = grad_scale(c, grads[0].dtype) if grads else 1.0
+            stats[a:b] = rows_fn(
+                zs, zsp, zt, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
+                detach_target_prior=opts.detach_target_prior, grad_zs=g_s, grad_zsp=g_sp, vocab=source.vocab,
+            )
+            if g_s is not None:
+                source.backward(rows, "s", g_s, scale)
+            if want_sp:
+                source.backward(rows, "sp", g_sp, scale)
+            elif predict:
+                if gate is None:
+                    pick = predicted_rows(stats[a:b, 3], _running_threshold(stats[:b, 3], opts))
+                else:  # the caller's gate is the final one: an exact prediction, nothing to correct
+                    pick = (gate[a:b] != 0).nonzero().squeeze(1)
+                predicted[a + pick] = 1.0
+                if pick.numel():
+                    picked = (torch.arange(a, b, device=device) if all_rows else rows).index_select(0, pick)
+                    source.backward(picked, "sp", g_sp.index_select(0, pick), scale)
+            del zs, zsp, zt, ztp, g_s, g_sp
 
-    gate, ramp, theta = gate_and_ramp(stats[:, 3], opts, gate)
-    if mode == "vgs":
-        coef2 = torch.stack([zeros, zeros, beta * gate * w], dim=1)
-    elif mode == "adaptive":
-        coef2 = torch.stack([zeros, alpha * ramp * w, beta * gate * w], dim=1)
-    elif mode == "language":
-        coef2 = torch.stack([zeros, beta * gate * w, zeros], dim=1)
-    else:
-        coef2 = torch.zeros_like(coef1)
-    coef = coef1 + coef2
+        gate, ramp, theta = gate_and_ramp(stats[:, 3], opts, gate)
+        if mode == "vgs":
+            coef2 = torch.stack([zeros, zeros, beta * gate * w], dim=1)
+        elif mode == "adaptive":
+            coef2 = torch.stack([zeros, alpha * ramp * w, beta * gate * w], dim=1)
+        elif mode == "language":
+            coef2 = torch.stack([zeros, beta * gate * w, zeros], dim=1)
+        else:
+            coef2 = torch.zeros_like(coef1)
+        coef = coef1 + coef2
 
-    if need_grad and mode != "standard":
-        _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size, compute_dtype)
+        if need_grad and mode != "standard":
+            # with a predicted gate, pass 2 corrects the mispredicted rows only (signed coefficients)
+            fix = torch.stack([zeros, zeros, beta * (gate - predicted) * w], dim=1) if predict else coef2
+            _gated_pass(source, valid_idx, fix, opts, rows_fn, chunk_size)
+    finally:
+        source.release()
 
     terms = coef * stats[:, :3]
     terms = torch.where(coef != 0, terms, torch.zeros_like(terms))
@@ -166,94 +252,118 @@ def run_vgs(
     return DriverResult(loss=loss, stats=stats, gate=gate, ramp=ramp, theta=theta, per_row=terms.sum(1))
 
 
-def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size, compute_dtype) -> None:
+def _running_threshold(vds_so_far: torch.Tensor, opts: VGSOptions) -> float:
+    """The gate threshold predicted from this rank's VDS values seen so far (the fixed one if given)."""
+    if opts.threshold is not None:
+        return float(opts.threshold)
+    return quantiles(vds_so_far, [opts.quantile])[0]
+
+
+def predicted_rows(vds: torch.Tensor, theta: float) -> torch.Tensor:
+    """Indices (within the chunk) of the rows whose VDS exceeds the predicted threshold, sorted."""
+    return (vds > theta).nonzero().squeeze(1)
+
+
+def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size) -> None:
     """Pass 2: gradients of the gated terms, on the rows whose gated coefficient is non-zero."""
-    rows = (coef2 != 0).any(dim=1).nonzero().squeeze(1)
-    if rows.numel() == 0:
-        return
-    idx_all = valid_idx[rows]
-    coef2 = coef2[rows]
     lang_only = opts.mode == "vgs"  # only beta*gate*lang: d/dzsp of KL(p'||q') alone
     want_s, want_sp = "s" in source.wants, "sp" in source.wants
     if lang_only and not want_sp:
         return
-    device = valid_idx.device
+    rows = gated_rows(coef2)
+    if rows.numel() == 0:
+        return
+    idx_all = valid_idx[rows]
+    coef2 = coef2[rows]
     for a, b in _chunks(rows.numel(), chunk_size):
         idx = idx_all[a:b]
         if lang_only:
             # KL(p'||q') is the 'std' KL of the row function fed (zsp, ztp) as (zs, zt).
             zsp, ztp = source.logits(idx, ("sp", "tp"))
-            g = torch.empty(zsp.shape, device=device, dtype=compute_dtype)
+            g = source.grad_buffer("sp", zsp)
             c = coef2[a:b, [2, 0, 0]]  # c_std := c_lang, c_vis = c_lang' = 0
-            rows_fn(zsp, zsp, ztp, ztp, c, temperature=opts.temperature,
-                    detach_target_prior=True, grad_zs=g, grad_zsp=None)
-            source.backward(idx, "sp", g)
+            scale = grad_scale(c, g.dtype)
+            rows_fn(zsp, zsp, ztp, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
+                    detach_target_prior=True, grad_zs=g, grad_zsp=None, vocab=source.vocab)
+            source.backward(idx, "sp", g, scale)
             continue
         needs_sp = want_sp and (bool((coef2[a:b, 2] != 0).any()) or not opts.detach_target_prior)
         if not (want_s or needs_sp):
             continue
         zs, zsp, zt, ztp = source.logits(idx, STREAMS)
-        g_s = torch.empty(zs.shape, device=device, dtype=compute_dtype) if want_s else None
-        g_sp = torch.empty(zsp.shape, device=device, dtype=compute_dtype) if needs_sp else None
-        rows_fn(zs, zsp, zt, ztp, coef2[a:b], temperature=opts.temperature,
-                detach_target_prior=opts.detach_target_prior, grad_zs=g_s, grad_zsp=g_sp)
+        g_s = source.grad_buffer("s", zs) if want_s else None
+        g_sp = source.grad_buffer("sp", zsp) if needs_sp else None
+        c = coef2[a:b]
+        scale = grad_scale(c, (g_s if g_s is not None else g_sp).dtype)
+        rows_fn(zs, zsp, zt, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
+                detach_target_prior=opts.detach_target_prior, grad_zs=g_s, grad_zsp=g_sp, vocab=source.vocab)
         if g_s is not None:
-            source.backward(idx, "s", g_s)
+            source.backward(idx, "s", g_s, scale)
         if g_sp is not None:
-            source.backward(idx, "sp", g_sp)
+            source.backward(idx, "sp", g_sp, scale)
+
+
+def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """Rows of ``x``: a view for a slice, a gathered copy for indices."""
+    return x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
 
 
 class LogitsSource:
     """Rows of four materialised [N, V] logit tensors; gradients go to [N, V] buffers.
 
     Gradient buffers are in the logits' dtype, allocated on the first gradient of each stream;
-    ``needs`` (s, sp) says which student streams want one (a frozen stream gets none).
+    ``needs`` (s, sp) says which student streams want one (a frozen stream gets none). The row
+    kernel writes each chunk's gradient into a new [n, width] tensor of the logits' dtype (the
+    logits are the caller's, never overwritten).
     """
 
     def __init__(self, zs, zsp, zt, ztp, vocab: int, needs: tuple[bool, bool] = (True, True)):
+        self.rows = zs.shape[0]
         self.vocab = vocab
+        self.width = min(zs.shape[1], zt.shape[1])
         self.wants = frozenset(k for k, need in zip(("s", "sp"), needs) if need)
         self.full = {"s": zs, "sp": zsp, "t": zt, "tp": ztp}
-        self.views = {k: v[:, :vocab] for k, v in self.full.items()}
+        self.views = {k: v[:, : self.width] for k, v in self.full.items()}
         self.grads: dict[str, torch.Tensor] = {}
 
-    def logits(self, idx, streams):
-        span = _as_slice(idx)
-        if span is not None:  # contiguous rows (the common all-valid case): views, no copy
-            return [self.views[k][span] for k in streams]
-        return [self.views[k].index_select(0, idx) for k in streams]
+    def logits(self, rows, streams):
+        return [_take(self.views[k], rows) for k in streams]
 
-    def backward(self, idx, stream, grad):
+    def grad_buffer(self, stream, logits):
+        return torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
+
+    def backward(self, rows, stream, grad, scale):
         if stream not in self.grads:
             self.grads[stream] = torch.zeros_like(self.full[stream])
-        buf = self.grads[stream][:, : self.vocab]
-        span = _as_slice(idx)
-        if span is not None:
-            buf[span] += grad.to(buf.dtype)
+        buf = self.grads[stream][:, : self.width]
+        grad = grad.to(buf.dtype)
+        if isinstance(rows, slice):
+            buf[rows].add_(grad, alpha=1.0 / scale)
         else:
-            buf.index_add_(0, idx, grad.to(buf.dtype))
+            buf.index_add_(0, rows, grad, alpha=1.0 / scale)
 
-
-def _as_slice(idx: torch.Tensor) -> slice | None:
-    """``idx`` (sorted, unique row indices) as a slice when it is a contiguous range."""
-    if idx.numel() == 0:
-        return None
-    lo, hi = (int(x) for x in idx[[0, -1]].tolist())
-    return slice(lo, hi + 1) if hi + 1 - lo == idx.numel() else None
+    def release(self):
+        pass
 
 
 class LinearSource:
     """Rows computed on demand as hidden @ weight.T (+ bias) from [N, H] hidden states.
 
-    Gradients of the student hidden states are accumulated in fp32 [N, H] buffers, of the student
-    weight and bias in fp32 [V, H] / [V] buffers; only rows ``[:vocab]`` of the weight are read.
-    ``needs`` = (hs, hsp, ws, bs) says which of them want a gradient: nothing is allocated or
-    computed for the others (a frozen lm_head costs no [V, H] buffer and no weight-gradient GEMM).
+    The logits of a chunk are computed on the full rows of the weights (``width`` = the smaller
+    of the two heads' row counts, >= vocab) into one [chunk, width] buffer per stream, in the
+    hidden states' dtype, reused from chunk to chunk; the logit gradients are written in place
+    into those buffers (``grad_buffer`` returns the logits). Gradients of the student hidden
+    states are accumulated in fp32 [N, H] buffers, of the student weight and bias in fp32 [V, H] /
+    [V] buffers, in place (rows [width, V) stay 0). ``needs`` = (hs, hsp, ws, bs) says which of
+    them want a gradient: nothing is allocated or computed for the others (a frozen lm_head costs
+    no [V, H] buffer and no weight-gradient GEMM).
     """
 
     def __init__(self, hs, hsp, ws, bs, ht, htp, wt, bt, vocab: int, needs: tuple[bool, bool, bool, bool],
                  alias_text: bool = False):
+        self.rows = hs.shape[0]
         self.vocab = vocab
+        self.width = width = min(ws.shape[0], wt.shape[0])
         need_hs, need_hsp, need_w, need_b = needs
         need_b = need_b and bs is not None
         # alias_text: the text streams are the image streams (standard mode without the text view):
@@ -264,56 +374,125 @@ class LinearSource:
         self.wants = frozenset(k for k, h in self.need_hidden.items()
                                if k not in self.alias and (h or need_w or need_b))
         self.hidden = {"s": hs, "sp": hsp, "t": ht, "tp": htp}
-        ws_v, wt_v = ws[:vocab], wt[:vocab]
-        bs_v = bs[:vocab] if bs is not None else None
-        bt_v = bt[:vocab] if bt is not None else None
+        ws_v, wt_v = ws[:width], wt[:width]
+        bs_v = bs[:width] if bs is not None else None
+        bt_v = bt[:width] if bt is not None else None
         self.weight = {"s": ws_v, "sp": ws_v, "t": wt_v, "tp": wt_v}
         self.bias = {"s": bs_v, "sp": bs_v, "t": bt_v, "tp": bt_v}
         self.student_weight, self.student_bias = ws, bs
         self.grad_hidden: dict[str, torch.Tensor] = {}
         self.grad_weight = torch.zeros(ws.shape, device=ws.device) if need_w else None
         self.grad_bias = torch.zeros(bs.shape, device=bs.device) if need_b else None
+        self._work: dict[str, torch.Tensor] = {}  # stream -> [capacity, width] logits buffer
 
-    def logits(self, idx, streams):
+    def _buffer(self, stream: str, n: int, like: torch.Tensor) -> torch.Tensor:
+        buf = self._work.get(stream)
+        if buf is None or buf.shape[0] < n:
+            self._work.pop(stream, None)  # free the smaller buffer first
+            buf = self._work[stream] = torch.empty(n, self.width, device=like.device, dtype=like.dtype)
+        return buf[:n]
+
+    def logits(self, rows, streams):
         out: dict[str, torch.Tensor] = {}
         for k in streams:
             src = self.alias.get(k, k)
             if src not in out:
-                out[src] = F.linear(self.hidden[src].index_select(0, idx), self.weight[src], self.bias[src])
+                h = _take(self.hidden[src], rows)
+                buf = self._buffer(src, h.shape[0], h)
+                w, b = self.weight[src], self.bias[src]
+                if b is None:
+                    torch.mm(h, w.t(), out=buf)
+                else:
+                    torch.addmm(b, h, w.t(), out=buf)
+                out[src] = buf
         return [out[self.alias.get(k, k)] for k in streams]
 
-    def backward(self, idx, stream, grad):
+    def grad_buffer(self, stream, logits):
+        return logits
+
+    def backward(self, rows, stream, grad, scale):
         h = self.hidden[stream]
         w = self.weight[stream]
+        alpha = 1.0 / scale
         if self.need_hidden[stream]:
             if stream not in self.grad_hidden:
                 self.grad_hidden[stream] = torch.zeros(h.shape, device=h.device)
-            self.grad_hidden[stream].index_add_(0, idx, (grad.to(w.dtype) @ w).float())
-        if self.grad_weight is not None:
-            rows = h.index_select(0, idx)
-            if rows.dtype == torch.float32:
-                self.grad_weight[: self.vocab].addmm_(grad.t(), rows)
+            gh = self.grad_hidden[stream]
+            if isinstance(rows, slice):
+                gh[rows].add_(mm_fp32(grad, w), alpha=alpha)
             else:
-                self.grad_weight[: self.vocab] += mm_fp32(grad.t(), rows)
+                gh.index_add_(0, rows, mm_fp32(grad, w), alpha=alpha)
+        if self.grad_weight is not None:
+            accumulate_mm(self.grad_weight[: self.width], grad.t(), _take(h, rows), alpha)
         if self.grad_bias is not None:
-            self.grad_bias[: self.vocab] += grad.sum(0).float()
+            self.grad_bias[: self.width].add_(grad.sum(0, dtype=torch.float32), alpha=alpha)
+
+    def release(self):
+        self._work.clear()
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b as an fp32 tensor, for a (the logit gradient, fp32 or fp64) and b (hidden rows).
+    """a @ b as an fp32 tensor, for a small product ([chunk, H]: the hidden-state gradient).
 
-    On CUDA with a bf16/fp16 ``b``, ``a`` is first rounded to ``b``'s dtype (so the GEMM runs
-    on the tensor cores) and the product is accumulated and returned in fp32, never rounded to
-    bf16/fp16 (``torch.mm(..., out_dtype=torch.float32)``; on a torch without that overload the
-    same rounded operands are upcast and multiplied in fp32). Elsewhere both operands are upcast
-    to fp32 unrounded and multiplied in fp32.
+    On CUDA with a bf16/fp16 ``b``, ``a`` is rounded to ``b``'s dtype (a no-op for the driver's
+    gradients, already in that dtype) and the product is accumulated and returned in fp32, never
+    rounded to bf16/fp16 (``torch.mm(..., out_dtype=torch.float32)``; on a torch without that
+    overload the rounded operands are upcast and multiplied in fp32). On the CPU, operands of one
+    bf16/fp16 dtype are multiplied in that dtype and the product upcast (upcasting ``b``, a weight,
+    would copy it); other operands are upcast to fp32 and multiplied in fp32.
     """
-    if a.is_cuda and b.dtype in (torch.bfloat16, torch.float16):
+    low = (torch.bfloat16, torch.float16)
+    if on_gpu(a) and b.dtype in low:
         return _mm_low_precision_fp32_out(a.to(b.dtype), b)
+    if a.dtype == b.dtype and a.dtype in low:
+        return (a @ b).float()
     return a.float() @ b.float()
 
 
-# Whether torch.mm(..., out_dtype=) works here (added around torch 2.8): None until the first call.
+def accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
+    """``out += alpha * (a @ b)`` in place, for the fp32 (fp64) weight gradient ``out`` [V, H] and
+    the chunk's operands ``a`` [V, chunk] (the logit gradient, transposed) and ``b`` [chunk, H].
+
+    No [V, H]-sized temporary: operands of ``out``'s dtype go to ``addmm_``; bf16/fp16 operands on
+    CUDA to ``torch.addmm(out, a, b, out_dtype=torch.float32, out=out)`` (tensor cores, fp32
+    accumulation; on a torch whose addmm refuses an fp32 ``out`` with bf16/fp16 operands -- before
+    2.10 -- in slabs of ``ACCUMULATE_SLAB_ROWS`` rows through ``torch.mm(out_dtype=torch.float32)``);
+    on the CPU both (chunk-sized) operands are upcast to fp32 for ``addmm_``.
+    """
+    if a.dtype == out.dtype and b.dtype == out.dtype:
+        out.addmm_(a, b, alpha=alpha)
+    elif on_gpu(out) and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        _addmm_low_precision_fp32_out(out, a, b, alpha)
+    else:
+        out.addmm_(a.to(out.dtype), b.to(out.dtype), alpha=alpha)
+
+
+# Rows of ``out`` per slab in accumulate_mm's fallback (an fp32 [slab, H] temporary: 64 MiB at H = 2048).
+ACCUMULATE_SLAB_ROWS = 8192
+# Whether torch.addmm(out_fp32, a_bf16, b_bf16, out_dtype=torch.float32, out=out_fp32) works here
+# (torch >= 2.10): None until the first call.
+_addmm_fp32_out_ok: bool | None = None
+
+
+def _addmm_low_precision_fp32_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
+    global _addmm_fp32_out_ok
+    if _addmm_fp32_out_ok is not False:
+        try:
+            torch.addmm(out, a, b, out_dtype=torch.float32, alpha=alpha, out=out)
+        except (TypeError, RuntimeError) as exc:
+            # once the overload has worked, or when out of memory, a failure is a real error
+            if _addmm_fp32_out_ok or isinstance(exc, torch.cuda.OutOfMemoryError):
+                raise
+            _addmm_fp32_out_ok = False
+        else:
+            _addmm_fp32_out_ok = True
+            return
+    for r0 in range(0, out.shape[0], ACCUMULATE_SLAB_ROWS):
+        r1 = min(r0 + ACCUMULATE_SLAB_ROWS, out.shape[0])
+        out[r0:r1].add_(_mm_low_precision_fp32_out(a[r0:r1], b), alpha=alpha)
+
+
+# Whether torch.mm(..., out_dtype=) works here (torch >= 2.8): None until the first call.
 _mm_out_dtype_ok: bool | None = None
 
 
@@ -335,14 +514,45 @@ def _mm_low_precision_fp32_out(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
     return a.float() @ b.float()
 
 
-def default_chunk_size(n_rows: int, vocab: int, device: torch.device, temps: int = 16) -> int:
-    """Rows per chunk: as many as fit ``temps`` fp32 [chunk, vocab] buffers in the budget (a quarter
-    of free memory up to 1 GiB on CUDA, 256 MiB on CPU), and at most half the rows, so the fused
-    path never holds the logits of the whole batch."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(free // 4, 2**30)
+# Chunk budgets: the bytes a chunk's logit buffers (and the row kernel's own temporaries) may take.
+# CUDA: a quarter of the free memory, at most CUDA_CHUNK_BUDGET (2048 rows at V = 151936 in bf16
+# with four streams; see benchmarks/gpu_model.py for the peak against Liger's); CPU: a fixed size
+# (larger chunks buy nothing there).
+CUDA_CHUNK_BUDGET = 5 * 2**29  # 2.5 GiB
+CPU_CHUNK_BUDGET = 192 * 2**20
+CHUNK_ROW_MULTIPLE = 128  # GEMM-friendly row counts once chunks are at least 2x this
+
+
+def on_gpu(x: torch.Tensor | torch.device) -> bool:
+    """Whether a tensor (or device) is on a CUDA device: tensor-core GEMMs with fp32 outputs, a
+    chunk budget from free memory. (``benchmarks.gpu_model`` substitutes it: its fake tensors stand
+    for CUDA tensors.)"""
+    return (x.type if isinstance(x, torch.device) else x.device.type) == "cuda"
+
+
+def free_device_memory(device: torch.device) -> int:
+    """Free bytes on a CUDA device (``benchmarks.gpu_model`` substitutes its modelled device's)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
+def default_chunk_size(n_rows: int, vocab: int, device: torch.device, temps: int = 0, *,
+                       dtype: torch.dtype = torch.float32, streams: int = 4) -> int:
+    """Rows per chunk for ``n_rows`` rows of ``vocab`` logits.
+
+    A chunk row costs ``streams`` logit (or gradient) rows in ``dtype`` plus ``temps`` fp32 rows
+    the row kernel allocates itself (the torch kernel's temporaries; 0 for the streaming kernels);
+    as many rows as fit the budget (a quarter of free memory up to ``CUDA_CHUNK_BUDGET`` on CUDA,
+    rounded down to a multiple of ``CHUNK_ROW_MULTIPLE``; ``CPU_CHUNK_BUDGET`` on CPU), and at most
+    half the rows, so the fused path never holds the logits of the whole batch."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    row_bytes = max(1, vocab * (streams * itemsize + 4 * temps))
+    if on_gpu(device):
+        budget = min(free_device_memory(device) // 4, CUDA_CHUNK_BUDGET)
     else:
-        budget = 256 * 2**20
-    cap = max(1, budget // (vocab * 4 * temps))
-    return max(1, min(cap, math.ceil(n_rows / 2)))
+        budget = CPU_CHUNK_BUDGET
+    rows = max(1, budget // row_bytes)
+    if on_gpu(device) and rows >= 2 * CHUNK_ROW_MULTIPLE:
+        rows -= rows % CHUNK_ROW_MULTIPLE
+    return max(1, min(rows, math.ceil(n_rows / 2)))
+

@@ -1,5 +1,5 @@
 """The public loss functions: ``vgs_loss`` on logit rows and ``fused_linear_vgs_loss`` on hidden
-states, each with one ``backend`` switch."""
+states, each with one ``backend`` switch. What they compute: docs/math.md; how: docs/kernels.md."""
 
 from __future__ import annotations
 
@@ -100,7 +100,9 @@ def vgs_loss(
         temperature: softmax temperature tau, a finite number >= 1e-6 (smaller values would
             overflow the finite fp32 stand-in for -inf logits once divided by tau).
         sync_metrics: False keeps ``out.metrics`` as device tensors (no ``.item()`` host sync for
-            them; the driver still synchronises to select rows and to take the quantile).
+            them; the driver still synchronises to select rows, to take the quantile (also per
+            chunk, for the predicted gate of ``mode="vgs"``, unless ``threshold`` or ``gate`` is
+            given) and, for fp16 inputs, to pick each chunk's gradient scale).
         The remaining keywords are described in README.md.
 
     -inf logits are allowed where a stream's counterpart has them too. A teacher row with -inf
@@ -258,7 +260,12 @@ def fused_linear_vgs_loss(
             grad_on and t is not None and t.requires_grad
             for t in (student_hidden, student_text_hidden if text else None, ws, bs)
         )
-        chunk = chunk_size or default_chunk_size(valid_idx.numel(), vocab, student_hidden.device, be.chunk_temps)
+        # the logits of a chunk span the full rows of the heads: 4 streams and the gathered gradient
+        # rows of the predicted-gated rows (mode="vgs"), 2 streams without the text view
+        chunk = chunk_size or default_chunk_size(
+            valid_idx.numel(), min(ws.shape[0], wt.shape[0]), student_hidden.device, be.chunk_temps,
+            dtype=student_hidden.dtype, streams=5 if text else 2,
+        )
         holder: dict = {}
         loss = _LinearFunction.apply(
             student_hidden, student_text_hidden, ws, bs, teacher_hidden, teacher_text_hidden, wt, bt,
@@ -282,9 +289,11 @@ class _LogitsFunction(torch.autograd.Function):
     def forward(ctx, zs, zsp, zt, ztp, valid_idx, weights, gate, opts, backend, needs, holder):
         flat = [z.reshape(-1, z.shape[-1]) for z in (zs, zsp, zt, ztp)]
         source = LogitsSource(*flat, vocab=opts.vocab_size, needs=needs)
-        chunk = default_chunk_size(valid_idx.numel(), opts.vocab_size, zs.device, backend.chunk_temps)
+        # per row: 4 gathered logit rows (masked batches) and 2 gradient rows, in the logits' dtype
+        chunk = default_chunk_size(valid_idx.numel(), source.width, zs.device, backend.chunk_temps,
+                                   dtype=zs.dtype, streams=6)
         holder["result"] = result = run_vgs(
-            source, valid_idx, weights, opts, backend.rows_fn, chunk, any(needs), _compute_dtype(zs), gate
+            source, valid_idx, weights, opts, backend.rows_fn, chunk, any(needs), gate=gate
         )
         # a stream that needs a gradient but got none (e.g. all-False mask) gets zeros, like autograd
         grads = [
@@ -294,7 +303,8 @@ class _LogitsFunction(torch.autograd.Function):
         ctx.has = [g is not None for g in grads]
         ctx.save_for_backward(*[g for g in grads if g is not None])
         # reduction="none": the gradients above are each row's own (every row's objective depends
-        # on its own logits only), so backward scales row t by the upstream gradient of token t
+        # on its own logits only; pass 1, the predicted gate's corrections and any fp16 scale are
+        # already summed and undone in them), so backward scales row t by the upstream gradient of token t
         ctx.per_token = opts.reduction == "none"
         if ctx.per_token:
             return _scatter_rows(result.per_row, valid_idx, zs.shape[:-1])
@@ -303,8 +313,8 @@ class _LogitsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         saved = iter(ctx.saved_tensors)
-        scale = grad_loss.unsqueeze(-1) if ctx.per_token else grad_loss
-        out = [(g := next(saved)) * scale.to(g.dtype) if has else None for has in ctx.has]
+        upstream = grad_loss.unsqueeze(-1) if ctx.per_token else grad_loss
+        out = [(g := next(saved)) * upstream.to(g.dtype) if has else None for has in ctx.has]
         return (*out, None, None, None, None, None, None, None, None, None)
 
 
@@ -325,7 +335,7 @@ class _LinearFunction(torch.autograd.Function):
         )
         with torch.autocast(device_type=hs.device.type, enabled=False):
             holder["result"] = result = run_vgs(
-                source, valid_idx, weights, opts, rows_fn, chunk, any(needs), _compute_dtype(hs), gate
+                source, valid_idx, weights, opts, rows_fn, chunk, any(needs), gate=gate
             )
         gh = source.grad_hidden
         # a hidden stream that needs a gradient but got none (e.g. all-False mask) gets zeros
@@ -376,10 +386,6 @@ def _scatter_rows(per_row: torch.Tensor, valid_idx: torch.Tensor, lead) -> torch
         n *= d
     full = torch.zeros(n, device=per_row.device, dtype=per_row.dtype)
     return full.index_copy(0, valid_idx, per_row).view(tuple(lead))
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def _with_vocab(opts: VGSOptions, vocab: int) -> VGSOptions:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 
 MODES = ("standard", "vgs", "adaptive", "language")
@@ -47,6 +50,34 @@ def assert_close(actual, expected, rtol, atol_frac, what=""):
         actual = torch.zeros_like(expected)
     if expected is None:
         expected = torch.zeros_like(actual)
-    a, e = actual.double(), expected.double()
+    a, e = actual.double().cpu(), expected.double().cpu()
     scale = e.abs().max().item() if e.numel() else 0.0
     torch.testing.assert_close(a, e, rtol=rtol, atol=atol_frac * max(scale, 1e-12) + 1e-12, msg=lambda m: f"{what}: {m}")
+
+
+def _interpreting_triton() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def row_cases(cpu=("torch", "cpu"), cuda=("torch", "triton", "cuda")):
+    """pytest params (device, backend) of the row backends: the CPU ones, and on a machine with a GPU
+    the CUDA ones (``triton`` compiled: run the session with ``VGS_TRITON_TEST_DEVICE=cuda``, as
+    ``make gpu-check`` does, else Triton interprets and is skipped here)."""
+    from vgs_kernels import backends
+
+    status = backends()
+    out = []
+    for device, names in (("cpu", cpu), ("cuda", cuda)):
+        for name in names:
+            why = None
+            if device == "cuda" and not torch.cuda.is_available():
+                why = "no CUDA device"
+            elif status.get(name) != "available":
+                why = f"{name}: {status.get(name)}"
+            elif name == "triton" and device == "cuda" and _interpreting_triton():
+                why = "Triton is interpreting (TRITON_INTERPRET=1); compiled Triton: VGS_TRITON_TEST_DEVICE=cuda"
+            elif name == "triton" and device == "cpu" and not _interpreting_triton():
+                why = "Triton runs CPU tensors only in its interpreter (TRITON_INTERPRET=1)"
+            marks = [pytest.mark.skip(reason=why)] if why else []
+            out.append(pytest.param(device, name, id=f"{device}-{name}", marks=marks))
+    return out

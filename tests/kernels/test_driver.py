@@ -74,3 +74,95 @@ def test_cuda_mm_fp32_matches_the_upcast_product():
     out = driver.mm_fp32(a.float(), b)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, a.float() @ b.float(), rtol=1e-5, atol=1e-5)
+
+
+# ---- in-place fp32 accumulation of the weight gradient (driver.accumulate_mm) ----
+
+class _OldAddmm:
+    """torch.addmm as on torch < 2.10: an fp32 ``self``/``out`` with bf16/fp16 operands is refused."""
+
+    def __init__(self):
+        self.real, self.refused = torch.addmm, 0
+
+    def __call__(self, *args, out_dtype=None, **kw):
+        if out_dtype is not None:
+            self.refused += 1
+            raise RuntimeError("self and mat2 must have the same dtype, but got Float and BFloat16")
+        return self.real(*args, **kw)
+
+
+def _mm_with_out_dtype(a, b, out_dtype=None):
+    return a.float() @ b.float() if out_dtype is not None else a @ b
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_addmm_refusing_fp32_out_falls_back_to_bounded_slabs(monkeypatch, dtype):
+    monkeypatch.setattr(driver, "_addmm_fp32_out_ok", None)
+    monkeypatch.setattr(driver, "_mm_out_dtype_ok", None)
+    monkeypatch.setattr(driver, "ACCUMULATE_SLAB_ROWS", 4)
+    old = _OldAddmm()
+    monkeypatch.setattr(torch, "addmm", old)
+    monkeypatch.setattr(torch, "mm", _mm_with_out_dtype)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(10, 3, generator=g).to(dtype), torch.randn(3, 5, generator=g).to(dtype)
+    out = torch.randn(10, 5, generator=g)
+    want = out + 0.25 * (a.float() @ b.float())
+    ptr = out.data_ptr()
+    for _ in range(2):
+        driver._addmm_low_precision_fp32_out(out, a, b, 0.125)
+    torch.testing.assert_close(out, want)
+    assert out.data_ptr() == ptr and old.refused == 1  # in place; the refusal is remembered
+
+
+def test_addmm_with_fp32_out_is_used_in_place(monkeypatch):
+    monkeypatch.setattr(driver, "_addmm_fp32_out_ok", None)
+    calls = []
+
+    def addmm(self, a, b, *, out_dtype=None, alpha=1.0, out=None):
+        calls.append((out_dtype, out is self))
+        return out.add_(a.float() @ b.float(), alpha=alpha)
+
+    monkeypatch.setattr(torch, "addmm", addmm)
+    a, b = _operands()
+    out = torch.zeros(6, 7)
+    driver._addmm_low_precision_fp32_out(out, a, b, 2.0)
+    torch.testing.assert_close(out, 2.0 * (a.float() @ b.float()))
+    assert calls == [(torch.float32, True)] and driver._addmm_fp32_out_ok is True
+
+
+def test_cpu_accumulate_never_forms_an_out_sized_temporary():
+    """CPU, bf16 operands: upcast the two chunk-sized operands, accumulate in place (no [V, H] temp)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Shapes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and func is not torch.ops.aten.addmm_.default:
+                self.shapes.append(tuple(out.shape))
+            return out
+
+    V, c, H = 50, 4, 12
+    out = torch.zeros(V, H)
+    a = torch.randn(c, V).bfloat16().t()
+    b = torch.randn(c, H).bfloat16()
+    with Shapes() as rec:
+        driver.accumulate_mm(out, a, b, 0.5)
+    torch.testing.assert_close(out, 0.5 * (a.float() @ b.float()))
+    assert (V, H) not in rec.shapes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_accumulate_is_in_place_and_fp32_accurate(dtype):
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(300, 64, generator=g), torch.randn(64, 40, generator=g)
+    out = torch.randn(300, 40, generator=g).cuda()
+    want = out.cpu() + 0.5 * (a.to(dtype).float() @ b.to(dtype).float())
+    ptr = out.data_ptr()
+    driver.accumulate_mm(out, a.to(dtype).cuda(), b.to(dtype).cuda(), 0.5)
+    assert out.data_ptr() == ptr and out.dtype == torch.float32
+    torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-4)

@@ -1,19 +1,18 @@
-"""The row backends (`torch`, and `cpu` when built) against the materialised `reference`."""
+"""The row backends (`torch` and `cpu` on CPU tensors; `torch`, `triton` and `cuda` on CUDA tensors when a
+GPU is present) against the materialised `reference`."""
 
 import itertools
 
 import pytest
 import torch
-from helpers import MODES, TOL, assert_close, ragged_mask, random_logits, run_logits
+from helpers import MODES, TOL, assert_close, ragged_mask, random_logits, row_cases, run_logits
 
-from vgs_kernels import backends, fused_linear_vgs_loss, vgs_loss
+from vgs_kernels import fused_linear_vgs_loss, vgs_loss
 
-# Every row backend that runs at full speed on CPU tensors (triton runs in its interpreter:
-# tests/test_triton.py covers it on smaller shapes).
-ROW_BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(backends()[name] != "available", reason=f"{name}: {backends()[name]}"))
-    for name in ("torch", "cpu")
-]
+# Every row backend that runs at full speed, per device: torch and cpu on CPU tensors (triton runs
+# in its interpreter there: tests/test_triton.py covers it on smaller shapes); torch, triton
+# (compiled) and cuda on CUDA tensors when a GPU is present.
+ROW_CASES = row_cases()
 
 
 GRID = [  # vocab_size < V needs V > 1
@@ -22,16 +21,16 @@ GRID = [  # vocab_size < V needs V > 1
 ]
 
 
-@pytest.mark.parametrize("backend", ROW_BACKENDS)
+@pytest.mark.parametrize("device,backend", ROW_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode,reduction,temperature,V,slice_vocab", GRID)
-def test_vgs_loss_matches_reference(mode, reduction, temperature, V, slice_vocab, dtype, backend):
+def test_vgs_loss_matches_reference(mode, reduction, temperature, V, slice_vocab, dtype, device, backend):
     logits = random_logits(3, 6, V, dtype, seed=V)
     mask = ragged_mask(3, 6)
     kw = dict(mode=mode, reduction=reduction, temperature=temperature,
               vocab_size=V - V // 7 - 1 if slice_vocab else None)
     ref, ref_gs, ref_gsp = run_logits("reference", logits, mask, **kw)
-    got, gs, gsp = run_logits(backend, logits, mask, **kw)
+    got, gs, gsp = run_logits(backend, [z.to(device) for z in logits], mask.to(device), **kw)
     rtol, atol = TOL[dtype]
     assert_close(got.loss.detach(), ref.loss.detach(), rtol, atol, "loss")
     assert_close(gs, ref_gs, rtol, atol, "grad student_logits")
@@ -48,8 +47,9 @@ def test_vgs_loss_matches_reference(mode, reduction, temperature, V, slice_vocab
 FUSED_GRID = list(itertools.product(MODES, ("sequence", "token"), (1.0, 0.7), (1, 97, 1000)))
 
 
-def _run_fused(backend, tensors, mask, chunk_size=None, **kw):
-    hs, hsp, ws, bs, ht, htp, wt, bt = (t.clone() for t in tensors)
+def _run_fused(backend, tensors, mask, chunk_size=None, device="cpu", **kw):
+    hs, hsp, ws, bs, ht, htp, wt, bt = (t.clone().to(device) for t in tensors)
+    mask = None if mask is None else mask.to(device)
     for t in (hs, hsp, ws, bs):
         t.requires_grad_()
     out = fused_linear_vgs_loss(hs, hsp, ws, ht, htp, wt, mask, student_bias=bs, teacher_bias=bt,
@@ -69,17 +69,17 @@ def fused_inputs(b, t, v, hs_dim, ht_dim, dtype, seed, v_teacher=None):
             r(b, t, ht_dim), r(b, t, ht_dim), r(vt, ht_dim, scale=0.5), r(vt, scale=0.5)]
 
 
-@pytest.mark.parametrize("backend", ROW_BACKENDS)
+@pytest.mark.parametrize("device,backend", ROW_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode,reduction,temperature,V", FUSED_GRID)
-def test_fused_linear_matches_reference(mode, reduction, temperature, V, dtype, backend):
+def test_fused_linear_matches_reference(mode, reduction, temperature, V, dtype, device, backend):
     # student and teacher hidden sizes differ; the teacher head has 3 extra rows; vocab_size < V
     # slices both heads (V = 1 keeps its single id).
     tensors = fused_inputs(3, 5, V, 16, 24, dtype, seed=V, v_teacher=V + 3)
     mask = ragged_mask(3, 5)
     kw = dict(mode=mode, reduction=reduction, temperature=temperature, vocab_size=max(1, V - V // 7))
     ref, ref_grads = _run_fused("reference", tensors, mask, **kw)
-    got, grads = _run_fused(backend, tensors, mask, chunk_size=4, **kw)
+    got, grads = _run_fused(backend, tensors, mask, chunk_size=4, device=device, **kw)
     rtol, atol = TOL[dtype]
     if dtype == torch.bfloat16:  # logits themselves are bf16 GEMM outputs on both sides
         rtol, atol = 5e-2, 5e-2

@@ -127,7 +127,7 @@ def test_frozen_student_hidden_gets_no_gradient_work(mode):
     assert_close(got[2], ref[2], 1e-5, 1e-6, "grad student_weight")
     assert_close(got[3], ref[3], 1e-5, 1e-6, "grad student_bias")
     assert rec.shapes((16, 12), (2, 8, 12)) == []  # no [N, H_s] hidden-gradient buffer
-    assert rec.shapes((4, 12))  # ... while the weight gradient reads [chunk, H_s] hidden rows
+    assert torch.ops.aten.addmm_.default in rec.ops  # ... while the weight-gradient GEMM still runs
     assert rec.shapes((50, 12))
 
 

@@ -73,7 +73,8 @@ class _MatmulCount(TorchDispatchMode):
         self.n = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default):
+        if func in (torch.ops.aten.addmm.default, torch.ops.aten.mm.default, torch.ops.aten.addmm.out,
+                    torch.ops.aten.mm.out):
             self.n += 1
         return func(*args, **(kwargs or {}))
 

@@ -323,12 +323,19 @@ for dtype, gs, gsp, prior, two in [("bf16", 0, 0, 0, 0), ("bf16", 1, 1, 1, 0), (
             sig[n] = "i64"
         elif n.isupper():
             sig[n] = "constexpr"
-    sig.update(V="i32", inv_tau="fp32")
+    sig.update(V="i32", V_FULL="i32", WIDTH="i32", inv_tau="fp32")
+    block, warps = tr.BLOCK_V_MAX, 8
     const = dict(HAS_GS=bool(gs), HAS_GSP=bool(gsp), PRIOR_GRAD=bool(prior), TWO_STREAMS=bool(two),
-                 BLOCK_V=2048)
+                 BLOCK_V=block)
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()})
-    out = triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    out = triton_compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
     assert out.asm["ptx"], "no PTX"
+    regs, spills = getattr(out, "n_regs", None), getattr(out, "n_spills", None)
+    if regs is None and hasattr(out, "_init_handles"):
+        regs = spills = "?"
+    print(f"{dtype} gs={gs} gsp={gsp} prior={prior} two={two}: BLOCK_V={block} warps={warps} "
+          f"registers={regs} spills={spills}")
+    assert spills in (None, "?", 0), f"register spills: {spills}"
 print("compiled")
 """
 

@@ -21,15 +21,15 @@ class Backend:
     name: str
     rows_fn: Callable[..., torch.Tensor] | None  # None for "reference"
     devices: tuple[str, ...]
-    # [chunk, V] fp32-sized buffers live per chunk: the torch kernel materialises ~16 temporaries,
-    # a streaming kernel only the 4 logit chunks and at most 2 gradient chunks.
-    chunk_temps: int = 6
+    # fp32 [chunk, V] temporaries the row function allocates itself (the driver's chunk budget
+    # adds them to the logit buffers): the torch kernel materialises ~14, a streaming kernel none.
+    chunk_temps: int = 0
 
 
 def _load_torch() -> Backend:
     from .torch_rows import vgs_rows
 
-    return Backend("torch", vgs_rows, ("cpu", "cuda"), chunk_temps=16)
+    return Backend("torch", vgs_rows, ("cpu", "cuda"), chunk_temps=14)
 
 
 def _load_triton() -> Backend:

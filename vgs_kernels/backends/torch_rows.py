@@ -2,20 +2,25 @@
 
 The row contract (shared by ``torch``, ``triton``, ``cpu`` and ``cuda``)::
 
-    vgs_rows(zs, zsp, zt, ztp, coef, *, temperature, detach_target_prior, grad_zs, grad_zsp)
+    vgs_rows(zs, zsp, zt, ztp, coef, *, temperature, detach_target_prior, grad_zs, grad_zsp, vocab)
         -> stats [n, 4] float32: (std, vis, lang, vds) per row
 
 * ``zs, zsp, zt, ztp``: [n, V] logits of one dtype (fp32/bf16/fp16/fp64), rows of the student
-  with/without image and the teacher with/without image, already sliced to ``vocab_size``
-  (may be views with a row stride larger than V; the last dim is contiguous).
+  with/without image and the teacher with/without image (may be views with a row stride larger
+  than V; the last dim is contiguous).
+* ``vocab``: None (= V) or the number of leading columns that are real ids: columns
+  [vocab, V) are padding (the fused-linear driver runs its GEMMs on the full rows of the lm_head
+  weights): probability 0, never read, gradient 0.
 * ``coef``: [n, 3] float32, per-row coefficients (c_std, c_vis, c_lang) that already include the
-  reduction weight, gamma and the term weight.
-* ``grad_zs``: None or a float32 [n, V] tensor (float64 for fp64 inputs: the driver allocates
-  its gradient buffers in the compute dtype) overwritten with
-  (c_std * p (log p - log q - std) + c_vis * p (log p - log r - vis)) / tau.
-* ``grad_zsp``: None or a [n, V] tensor of the same dtype as ``grad_zs``, overwritten with
+  reduction weight, gamma and the term weight (and any power-of-two gradient scale).
+* ``grad_zs``: None or an [n, V] tensor of a floating dtype (the driver passes the logits' dtype;
+  fp64 for fp64 inputs), overwritten with
+  (c_std * p (log p - log q - std) + c_vis * p (log p - log r - vis)) / tau, rounded to its dtype.
+  It may be ``zs`` itself (or ``zsp`` when ``zs`` and ``zsp`` are the same tensor): the kernels
+  read every entry before they overwrite it (in-place gradients, as Liger's cross entropy).
+* ``grad_zsp``: None or an [n, V] tensor, overwritten with
   (c_lang * p' (log p' - log q' - lang) + c_prior * (r - p)) / tau,
-  where c_prior = c_vis unless ``detach_target_prior`` (then 0).
+  where c_prior = c_vis unless ``detach_target_prior`` (then 0); it may be ``zsp`` itself.
 
 All arithmetic is fp32 (fp64 for fp64 inputs). ``-inf`` logits are read as ``NEG_LOGIT`` (a finite
 stand-in giving probability exactly 0), so masked vocabulary entries never produce NaN.
@@ -48,9 +53,14 @@ def vgs_rows(
     detach_target_prior: bool,
     grad_zs: torch.Tensor | None = None,
     grad_zsp: torch.Tensor | None = None,
+    vocab: int | None = None,
 ) -> torch.Tensor:
     """Four KLs per row and (optionally) the logit gradients; see the module docstring."""
     tau = temperature
+    width = zs.shape[-1]
+    vocab = width if vocab is None else vocab
+    # every input is read (into new tensors) before a gradient is written: grads may alias zs / zsp
+    zs, zsp, zt, ztp = (z[:, :vocab] for z in (zs, zsp, zt, ztp))
     ls = torch.log_softmax(scaled_logits(zs, tau), dim=-1)
     xsp = scaled_logits(zsp, tau)
     lsp = torch.log_softmax(xsp, dim=-1)
@@ -71,11 +81,13 @@ def vgs_rows(
     c_std, c_vis, c_lang = (coef[:, i : i + 1].to(ls.dtype) for i in range(3))
     if grad_zs is not None:
         g = p * (c_std * (ls - lt - std[:, None]) + c_vis * (ls - lr - vis[:, None]))
-        grad_zs.copy_(g / tau)
+        grad_zs[:, :vocab].copy_(g / tau)
+        grad_zs[:, vocab:].zero_()
         del g
     if grad_zsp is not None:
         g = pp * (c_lang * (lsp - ltp - lang[:, None]))
         if not detach_target_prior:
             g += c_vis * (lr.exp() - p)
-        grad_zsp.copy_(g / tau)
+        grad_zsp[:, :vocab].copy_(g / tau)
+        grad_zsp[:, vocab:].zero_()
     return torch.stack([std, vis, lang, vds], dim=1).float()
