@@ -65,8 +65,8 @@ def _close_params(a: dict, b: dict, atol: float):
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="no torch.distributed gloo backend")
-def test_two_process_step_equals_single_process_and_resumes(tmp_path):
-    cache = tmp_path / "cache"
+def test_two_process_step_equals_single_process_and_resumes(tmp_path, embedded_cache):
+    cache = embedded_cache  # the session's prepared embedded default
     single, multi, killed = tmp_path / "single", tmp_path / "multi", tmp_path / "killed"
     # one process, 4 prompts per micro-batch, one step
     _run(1, tiny_overrides(cache, single, *EXTRA, "optim.batch_size=4", "run.max_steps=1"))
