@@ -36,7 +36,7 @@ from .rng import fork_rng  # noqa: E402
 
 PAPER_ALPHA = 2.0
 RECOMMENDED_ALPHA = 0.5  # at this scale; see docs/demo.md
-DEMO_STEPS = 250
+DEMO_STEPS = 300
 DEMO_SEEDS = 2
 DEMO_OVERRIDES = [
     "optim.lr=1e-3", "optim.warmup_steps=20", "optim.batch_size=16", "optim.grad_clip=1.0",

@@ -22,7 +22,7 @@ from .config import HealthConfig
 
 SIGNALS = {
     "acc_drop": "rollout accuracy fell far under its start",
-    "truncated": "most responses hit rollout.max_new_tokens (no end token)",
+    "truncated": "many responses hit rollout.max_new_tokens (no end token)",
     "std_rise": "the standard divergence KL(p||q) to the teacher is rising",
     "prior_gap": "the student's text-only prior is far from the teacher's on low-VDS tokens",
 }
