@@ -19,13 +19,16 @@ install: $(PY)
 demo: install
 	$(PY) -m vgs_train.demo
 
-# verl for tests/test_verl_adapter.py, which checks the adapter against verl's own agg_loss: the package
-# without its dependencies (verl 0.9 pins transformers<5.11 and pulls ray[default], wandb, CUDA extras) plus
-# what importing its loss code needs, pinned to the versions the tests ran with; none of them touches torch.
-# Only the tests need it: `make demo` does not install it.
+# verl for tests/kernels/integrations/test_verl.py, which checks the adapter against verl's own agg_loss: the
+# package without its dependencies (verl 0.9 pins transformers<5.11 and pulls ray[default], wandb, CUDA extras)
+# plus what importing its loss code needs, pinned to the versions the tests ran with; none of them touches torch.
+# deepspeed (the `deepspeed` extra) for the ZeRO-3 case of tests/train/test_distributed.py: an sdist whose
+# build imports torch, so --no-build-isolation builds it against the CPU torch above (an isolated build would
+# fetch a CUDA torch); no op is compiled at install. Only the tests need them: `make demo` does not install them.
 test-deps: install
 	@$(PY) -m pip show -q verl >/dev/null 2>&1 || { $(PY) -m pip install -q --no-deps "verl==0.9.1" && \
 		$(PY) -m pip install -q "ray==2.60.0" "tensordict==0.10.0" "omegaconf==2.4.0" "codetiming==1.4.0"; }
+	@$(PY) -m pip show -q deepspeed >/dev/null 2>&1 || $(PY) -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 
 test: test-deps
 	$(PY) -m pytest -q tests

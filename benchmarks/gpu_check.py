@@ -41,9 +41,9 @@ from . import common as C
 
 PY = sys.executable
 LIMITS = {"build": 150, "tests": 170, "row_kernels": 45, "kernels": 150, "model": 30, "step": 240, "report": 20}
-KERNEL_TESTS = ["tests/test_row_contract.py", "tests/test_loss_backends.py", "tests/test_kernels_frozen.py",
-                "tests/test_fp16_scale.py", "tests/test_predicted_gate.py", "tests/test_triton.py",
-                "tests/test_kernels_driver.py"]
+KERNEL_TESTS = ["tests/kernels/test_row_contract.py", "tests/kernels/test_loss_backends.py",
+                "tests/kernels/test_frozen_inputs.py", "tests/kernels/test_fp16_scale.py",
+                "tests/kernels/test_predicted_gate.py", "tests/kernels/test_triton.py", "tests/kernels/test_driver.py"]
 TRITON_CONFIGS = [(1024, 8), (1024, 4), (2048, 8), (2048, 16), (512, 4)]
 
 

@@ -91,7 +91,7 @@ class Preset:
 
 _TINY_VISION = VisionSize(depth=2, hidden=64, heads=4, intermediate=128, deepstack=[0], num_position_embeddings=64)
 PRESETS = {
-    # The tiny sizes of SPEC.md's appendix (student), a teacher twice as wide; vocabulary 2048.
+    # The tiny sizes of vgs_train.config.TinyModelConfig (student), a teacher twice as wide; vocabulary 2048.
     "tiny": Preset(
         student=TextSize(64, 2, 4, 2, 16, 128, [4, 2, 2], True), student_vision=_TINY_VISION,
         teacher=TextSize(128, 2, 4, 2, 32, 256, [8, 4, 4], True), teacher_vision=_TINY_VISION,
@@ -112,7 +112,7 @@ PRESETS = {
                                   num_position_embeddings=64),
         vocab=32000, loss_vocab=None, dtype="float32", batch=4, prompt_text=32, image_grid=(8, 8), response=128,
     ),
-    # Qwen3-VL-2B student and -8B teacher sizes (SPEC.md appendix), random weights, bf16.
+    # Qwen3-VL-2B student and -8B teacher sizes (their public config files), random weights, bf16.
     "qwen3vl-2b-8b": Preset(
         student=TextSize(2048, 28, 16, 8, 128, 6144, [24, 20, 20], True),
         student_vision=VisionSize(24, 1024, 16, 4096, [5, 11, 17], 2304),

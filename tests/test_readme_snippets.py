@@ -1,5 +1,5 @@
 """The README's "Use from other trainers" snippets run as written (the TRL one, which needs models
-and data, is compiled; examples/trl_vgs.py runs the same trainer in tests/test_trl_adapter.py)."""
+and data, is compiled; examples/trl_vgs.py runs the same trainer in tests/train/integrations/test_trl.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The two-pass VGS driver shared by every backend, and the two row sources it reads from.
+"""The two-pass VGS driver shared by every backend, and the two row sources it reads from
+(docs/kernels.md).
 
 Pass 1 walks the valid rows in chunks, computes the four KLs per row and the gradients of every
 term whose coefficient does not depend on the VDS gate. The gate needs a quantile over the whole

@@ -1,5 +1,5 @@
 """The public loss functions: ``vgs_loss`` on logit rows and ``fused_linear_vgs_loss`` on hidden
-states, each with one ``backend`` switch."""
+states, each with one ``backend`` switch. What they compute: docs/math.md; how: docs/kernels.md."""
 
 from __future__ import annotations
 

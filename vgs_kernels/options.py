@@ -19,7 +19,7 @@ MIN_TEMPERATURE = 1e-6
 
 @dataclass(frozen=True)
 class VGSOptions:
-    """The loss keywords of SPEC.md section 2 (everything but the tensors and the backend).
+    """The loss keywords (everything but the tensors and the backend; their meaning: docs/math.md).
 
     ``threshold`` is ``None`` (use quantiles of the batch's VDS), a float (the gate threshold
     theta), or, in ``mode="adaptive"`` only, a pair ``(theta_low, theta_high)`` for the ramp.

@@ -1,4 +1,5 @@
-"""The materialised reference: every distribution in full, gradients by autograd. The test oracle.
+"""The materialised reference: every distribution in full, gradients by autograd. The test oracle; it
+writes out the definition of docs/math.md.
 
 Memory is O(B*T*V) per stream; use it for checking, not for training at scale.
 """

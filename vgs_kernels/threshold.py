@@ -1,4 +1,5 @@
-"""VDS thresholds (quantiles over the valid tokens of the batch, optionally of all ranks) and gates."""
+"""VDS thresholds (quantiles over the valid tokens of the batch, optionally of all ranks) and gates
+(docs/math.md, "Gate and ramp")."""
 
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ gradients of the three terms, each the mean over the bin's tokens:
 * g_vis  of KL(p  || r)    (visual grounding, r = softmax(sg(z_sp) + z_t - z_tp)),
 * g_lang of KL(p' || q')   (language prior),
 
-come from ``fused_linear_vgs_loss`` with beta = 0, alpha = 1, reduction ``token`` and the bin as mask:
+come from the pipeline's loss with beta = 0, alpha = 1, reduction ``token`` and the bin as mask:
 g_std from mode ``standard``, g_vis = g(``vgs``) - g_std, g_lang = g(``language``) - g_std, taken first
 w.r.t. the response hidden states and the lm_head (cheap), then pulled back to the parameters with
 vector-Jacobian products through the model (batched in one vectorised backward pass). The table
@@ -17,28 +17,19 @@ holds the angles angle(g_lang, g_vis), angle(g_std, g_vis), angle(g_std, g_lang)
 cosines and norms; written as CSV and a three-panel PNG.
 
 Memory: 3 x bins gradient accumulators of the selected parameters (fp32); restrict them with a
-parameter-name regex (``--params``) for large models.
+parameter-name regex (``--params``) for large models. The ``vgs-analyze`` command line is in
+:mod:`vgs_train.cli`.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import os
 
 import torch
 
-from vgs_kernels import fused_linear_vgs_loss
-
-from .calibrate import (
-    angle_deg,
-    cosine,
-    loss_kwargs_of,
-    norm,
-    sample_views,
-    select_params,
-)
+from .gradients import angle_deg, cosine, norm, select_params
+from .pipeline import Hidden, Pipeline
 from .rng import fork_rng
 
 TERMS = ("std", "vis", "lang")
@@ -61,31 +52,23 @@ def equal_frequency_bins(values: torch.Tensor, bins: int = 10) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_vds(student, teacher, views, *, vocab_size=None, temperature: float = 1.0) -> torch.Tensor:
+def teacher_vds(pipe: Pipeline, views) -> torch.Tensor:
     """[B, T] VDS = KL(q || q') of the teacher per response token (0 on masked tokens)."""
-    from .views import four_view_hidden
-
-    hs, hsp, ht, htp = four_view_hidden(student, teacher, views)
-    out = fused_linear_vgs_loss(hs, hsp, student.get_output_embeddings().weight, ht, htp,
-                                teacher.get_output_embeddings().weight, views.mask, mode="standard",
-                                vocab_size=vocab_size, temperature=temperature, return_per_token=True)
+    out = pipe.loss(pipe.hidden(views), views.mask, mode="standard", alpha=1.0, beta=0.0, gamma=1.0,
+                    threshold=None, return_per_token=True)
     return out.per_token["vds"]
 
 
-def _hidden_term_grads(hidden: tuple, weights: tuple, bin_mask: torch.Tensor, *, vocab_size=None,
-                       loss_kwargs: dict | None = None) -> dict:
+def _hidden_term_grads(pipe: Pipeline, hidden: Hidden, bin_mask: torch.Tensor) -> dict:
     """Gradients of the std, vis and lang terms (summed over the bin's tokens) w.r.t. the student's two
     response hidden states and its lm_head weight: {term: (d_hs, d_hsp, d_W)}. Cheap: the fused loss
     computes them in its forward; no pass through the model."""
-    hs, hsp, ht, htp = hidden
-    ws, wt = weights
-    kw = {k: v for k, v in (loss_kwargs or {}).items()
-          if k not in ("mode", "alpha", "beta", "gamma", "reduction", "threshold", "return_per_token")}
-    kw.update(alpha=1.0, beta=0.0, gamma=1.0, reduction="token", vocab_size=vocab_size)
+    hs, hsp, ws = hidden.student, hidden.student_text, pipe.student_head.weight
     count = float(bin_mask.sum())
     out = {}
     for mode in ("standard", "vgs", "language"):
-        loss = fused_linear_vgs_loss(hs, hsp, ws, ht, htp, wt, bin_mask, mode=mode, **kw).loss * count
+        loss = pipe.loss(hidden, bin_mask, mode=mode, alpha=1.0, beta=0.0, gamma=1.0, reduction="token",
+                         threshold=None, return_per_token=False).loss * count
         g = torch.autograd.grad(loss, (hs, hsp, ws), retain_graph=True, allow_unused=True)
         out[mode] = [torch.zeros_like(x) if y is None else y for x, y in zip((hs, hsp, ws), g)]
     std = out["standard"]
@@ -123,12 +106,11 @@ def _model_vjp(hidden: tuple, ws: torch.Tensor, params, terms: list, batched: bo
     return res
 
 
-def bin_gradients(hidden: tuple, weights: tuple, bin_mask: torch.Tensor, params, *, vocab_size=None,
-                  loss_kwargs: dict | None = None) -> dict:
+def bin_gradients(pipe: Pipeline, hidden: Hidden, bin_mask: torch.Tensor, params) -> dict:
     """Parameter gradients (summed over the bin's tokens) of the std, vis and lang terms on one batch
     (the hidden states' graph is kept)."""
-    h = _hidden_term_grads(hidden, weights, bin_mask, vocab_size=vocab_size, loss_kwargs=loss_kwargs)
-    gs = _model_vjp(hidden, weights[0], params, [h[t] for t in TERMS], batched=False)
+    h = _hidden_term_grads(pipe, hidden, bin_mask)
+    gs = _model_vjp(hidden, pipe.student_head.weight, params, [h[t] for t in TERMS], batched=False)
     return dict(zip(TERMS, gs))
 
 
@@ -141,17 +123,14 @@ def angle_row(g: dict) -> dict:
     return row
 
 
-def analyze_views(student, teacher, batches: list, params=None, *, bins: int = 10, vocab_size=None,
-                  loss_kwargs: dict | None = None, progress=None, return_bins: bool = False, vjp_batch: int = 30):
+def analyze_views(pipe: Pipeline, batches: list, params=None, *, bins: int = 10, progress=None,
+                  return_bins: bool = False, vjp_batch: int = 30):
     """The per-bin table for a list of rollout batches (``ViewBatch``): one forward per batch, then the
     3 x bins parameter gradients as vector-Jacobian products through it, ``vjp_batch`` at a time in one
     vectorised backward pass (1 = one pass each; less memory). ``return_bins=True`` also returns each batch's [B, T] bin
     index map (-1 on masked tokens)."""
-    from .views import four_view_hidden
-
-    params = params or select_params(student)
-    temp = (loss_kwargs or {}).get("temperature", 1.0)
-    vds = [teacher_vds(student, teacher, v, vocab_size=vocab_size, temperature=temp) for v in batches]
+    params = params or select_params(pipe.student)
+    vds = [teacher_vds(pipe, v) for v in batches]
     flat = torch.cat([d[v.mask] for d, v in zip(vds, batches)])
     if flat.numel() < bins:
         raise ValueError(f"{flat.numel()} response tokens cannot fill {bins} bins; sample more rollouts")
@@ -164,15 +143,15 @@ def analyze_views(student, teacher, batches: list, params=None, *, bins: int = 1
         maps.append(m)
         start += n
     acc = [{t: [torch.zeros_like(p, dtype=torch.float32) for _, p in params] for t in TERMS} for _ in range(bins)]
-    ws, wt = student.get_output_embeddings().weight, teacher.get_output_embeddings().weight
+    ws = pipe.student_head.weight
     for i, (v, m) in enumerate(zip(batches, maps)):
-        hidden = four_view_hidden(student, teacher, v)
+        hidden = pipe.hidden(v)
         keys, terms = [], []
         for b in range(bins):
             bm = m == b
             if not bool(bm.any()):
                 continue
-            h = _hidden_term_grads(hidden, (ws, wt), bm, vocab_size=vocab_size, loss_kwargs=loss_kwargs)
+            h = _hidden_term_grads(pipe, hidden, bm)
             for t in TERMS:
                 keys.append((b, t))
                 terms.append(h[t])
@@ -193,27 +172,16 @@ def analyze_views(student, teacher, batches: list, params=None, *, bins: int = 1
     return (table, maps) if return_bins else table
 
 
-def analyze(student, teacher, processor, rows, *, batches: int = 4, batch_size: int = 16, bins: int = 10,
-            params=None, vocab_size=None, loss_kwargs: dict | None = None, max_new_tokens: int = 48,
-            temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, system_prompt: str | None = None,
+def analyze(pipe: Pipeline, rows, *, batches: int = 4, batch_size: int = 16, bins: int = 10, params=None,
             seed: int = 0, progress=None, vjp_batch: int = 30) -> list[dict]:
-    """On-policy rollouts (T=``temperature``) for ``batches`` x ``batch_size`` of ``rows`` (in order),
-    then :func:`analyze_views`."""
-    from .rollout import HFRolloutEngine
-    from .views import PromptBuilder
-
-    builder = PromptBuilder(processor, system_prompt)
-    dev = next(student.parameters()).device
-    engine = HFRolloutEngine(builder.tokenizer, max_new_tokens=max_new_tokens, temperature=temperature,
-                             top_p=top_p, top_k=top_k, vocab_rows=student.get_output_embeddings().weight.shape[0])
+    """On-policy rollouts for ``batches`` x ``batch_size`` of ``rows`` (in order), then :func:`analyze_views`."""
     views = []
     with fork_rng():
         torch.manual_seed(seed)
         for i in range(batches):
             chunk = [rows[(i * batch_size + j) % len(rows)] for j in range(batch_size)]
-            views.append(sample_views(student, builder, engine, chunk, dev))
-    return analyze_views(student, teacher, views, params, bins=bins, vocab_size=vocab_size,
-                         loss_kwargs=loss_kwargs, progress=progress, vjp_batch=vjp_batch)
+            views.append(pipe.sample(chunk).views)
+    return analyze_views(pipe, views, params, bins=bins, progress=progress, vjp_batch=vjp_batch)
 
 
 def write_csv(table: list[dict], path: str) -> str:
@@ -303,76 +271,3 @@ def readme_section(summary: dict) -> str:
         f"dependent decile (least-squares slope {t['slope_deg_per_bin']:+.2f}° per decile, Spearman "
         f"{t['spearman']:+.2f}): the angle {verdict}.",
     ])
-
-
-def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    p = argparse.ArgumentParser(
-        prog="vgs-analyze",
-        description="Angles between the std, vis and lang parameter gradients per VDS decile of on-policy "
-                    "tokens (paper Sec. 3.2, Fig. 3); writes CSV, PNG and JSON.",
-        epilog="Example: vgs-analyze configs/tiny.yaml --out runs/analyze --batches 4 --params 'language_model'")
-    p.add_argument("config", nargs="?", help="training YAML config (default: the embedded tiny default)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (model.student=PATH, ...)")
-    p.add_argument("--out", default="runs/analyze", help="output folder")
-    p.add_argument("--batches", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (one rollout each)")
-    p.add_argument("--bins", type=int, default=10)
-    p.add_argument("--params", default="", help="regex over parameter names (default: all trainable)")
-    p.add_argument("--vjp-batch", type=int, default=30,
-                   help="parameter gradients per vectorised backward pass (lower = less memory; 1 = a loop)")
-    p.add_argument("--split", choices=("eval", "train"), default="eval", help="prompts from (default: eval)")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--report", metavar="ANGLES_JSON", help="only print the table of a finished run's angles.json")
-    p.add_argument("--readme", metavar="PATH", help="write the angle table into this README (between "
-                   "<!-- analyze:start --> and <!-- analyze:end -->)")
-    args = p.parse_args(argv)
-    if args.report:
-        from .readme import write_section
-
-        with open(args.report) as f:
-            summary = json.load(f)
-        print(format_table(summary["table"]))
-        if args.readme:
-            write_section(args.readme, "analyze", readme_section(summary))
-        return 0
-    from .calibrate import tool_setup
-
-    setup = tool_setup("vgs-analyze", args)
-    if setup is None:
-        return 2
-    _, cfg, s, rows, params = setup
-    lk = loss_kwargs_of(cfg)
-    rc = cfg.rollout
-    table = analyze(s["student"], s["teacher"], s["processor"], rows, batches=args.batches,
-                    batch_size=args.batch_size, bins=args.bins, params=params, vocab_size=s["vocab_size"],
-                    loss_kwargs=lk, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature, top_p=rc.top_p,
-                    top_k=rc.top_k, system_prompt=cfg.data.system_prompt or None, seed=cfg.run.seed,
-                    vjp_batch=max(1, args.vjp_batch))
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = write_csv(table, os.path.join(args.out, "angles.csv"))
-    n_params = sum(p.numel() for _, p in params)
-    png = plot(table, os.path.join(args.out, "angles.png"),
-               f"{os.path.basename(s['paths']['student'].rstrip('/'))} vs {os.path.basename(s['paths']['teacher'].rstrip('/'))}"
-               f": {sum(r['tokens'] for r in table)} on-policy tokens, {n_params:,} parameters")
-    summary = {"table": table, "trend": {f"angle_{a}_{b}": trend(table, f"angle_{a}_{b}") for a, b in PAIRS},
-               "student": s["paths"]["student"], "teacher": s["paths"]["teacher"], "params": n_params,
-               "param_pattern": args.params or None, "batches": args.batches, "batch_size": args.batch_size,
-               "out": os.path.relpath(args.out)}
-    with open(os.path.join(args.out, "angles.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(format_table(table))
-    t = summary["trend"]["angle_lang_vis"]
-    print(f"angle(g_lang, g_vis): bin 0 {t['first']:.1f} deg -> bin {len(table) - 1} {t['last']:.1f} deg, slope "
-          f"{t['slope_deg_per_bin']:+.2f} deg/bin, Spearman {t['spearman']:+.2f}")
-    print(f"wrote {csv_path}, {png}, {os.path.join(args.out, 'angles.json')}")
-    if args.readme:
-        from .readme import write_section
-
-        write_section(args.readme, "analyze", readme_section(summary))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

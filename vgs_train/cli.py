@@ -1,5 +1,6 @@
 """Console scripts: ``vgs-train``, ``vgs-eval``, ``vgs-calibrate`` (gamma, App. A) and ``vgs-analyze``
-(gradient angles per VDS decile, Sec. 3.2 / Fig. 3)."""
+(gradient angles per VDS decile, Sec. 3.2 / Fig. 3). The top layer of ``vgs_train``: argument parsing and
+error reporting over the loops and tools (docs/design.md)."""
 
 from __future__ import annotations
 
@@ -163,13 +164,142 @@ def eval_main(argv=None) -> int:
     return 0
 
 
-def calibrate_main(argv=None) -> int:
-    from .calibrate import main
+def _tool_setup(prog: str, args):
+    """The shared start of ``vgs-calibrate`` and ``vgs-analyze``: config (+ overrides), seed, the pipeline
+    (models in fp32, eval mode; loss keywords of the steering mode with gamma 1: the tools measure
+    unnormalised gradients), the prompt rows of ``args.split`` and the parameters selected by ``args.params``.
 
-    return main(argv)
+    Returns (config_path, cfg, pipe, rows, params), or None after printing the error (exit code 2)."""
+    import torch
+
+    from .config import load_config, steering_mode
+    from .data import load_dataset_rows
+    from .gradients import select_params
+    from .pipeline import Pipeline
+
+    config, overrides = split_config(args.config, args.overrides)
+    # bad values and YAML syntax (ValueError), missing files / model folders (OSError): `prog: error: ...`
+    try:
+        cfg = load_config(config, overrides, check_paths=True)
+        torch.manual_seed(cfg.run.seed)
+        pipe = Pipeline.from_config(cfg, loss_kwargs=cfg.loss_kwargs(mode=steering_mode(cfg.loss_mode), gamma=1.0),
+                                    verbose=not args.quiet)
+        rows = load_dataset_rows(pipe.paths[args.split] or pipe.paths["train"], cfg.data.image_root)
+        params = select_params(pipe.student, args.params or None)
+    except USER_ERRORS as e:
+        report_error(prog, e)
+        return None
+    return config, cfg, pipe, rows, params
+
+
+def calibrate_main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="vgs-calibrate",
+        description="Measure gamma = ||g_std|| / ||g_std + alpha*g_vis|| (paper Eq. 15, App. A) on on-policy "
+                    "rollouts of the training data and write it into a config.",
+        epilog="Example: vgs-calibrate configs/tiny.yaml loss.alpha=2 --batches 8 --write runs/gamma.yaml")
+    p.add_argument("config", nargs="?", help="training YAML config (default: the embedded tiny default)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    p.add_argument("--batches", type=int, default=8, help="rollout batches to measure (N)")
+    p.add_argument("--batch-size", type=int, default=0, help="prompts per batch (default: optim.batch_size)")
+    p.add_argument("--params", default="", help="regex over parameter names (default: all trainable)")
+    p.add_argument("--split", choices=("train", "eval"), default="train", help="which data to sample prompts from")
+    p.add_argument("--write", default="", help="write a YAML config with loss.gamma set (a copy of CONFIG)")
+    p.add_argument("--json", default="", help="write per-step values and the summary as JSON")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    if args.batches < 1:
+        return report_error("vgs-calibrate", "--batches must be >= 1")
+    setup = _tool_setup("vgs-calibrate", args)
+    if setup is None:
+        return 2
+    from .calibrate import calibrate, write_gamma
+    from .config import GAMMA_PRESETS
+
+    config, cfg, pipe, rows, params = setup
+    mode, alpha = pipe.loss_kwargs["mode"], cfg.loss.alpha
+    if not args.quiet:
+        print(f"{'step':>4}{'tokens':>8}{'||g_std||':>12}{'||g_vis||':>12}{'cos(phi)':>10}{'gamma':>9}", flush=True)
+
+    def show(st):
+        if not args.quiet:
+            print(f"{st['step']:>4}{st['tokens']:>8}{st['norm_std']:>12.4g}{st['norm_vis']:>12.4g}"
+                  f"{st['cos_phi']:>10.4f}{st['gamma']:>9.4f}", flush=True)
+
+    res = calibrate(pipe, rows, batches=args.batches, batch_size=args.batch_size or cfg.optim.batch_size,
+                    mode=mode, alpha=alpha, params=params, samples_per_prompt=cfg.rollout.samples_per_prompt,
+                    seed=cfg.run.seed, progress=show)
+    sm = res["summary"]
+    res.update(student=pipe.paths["student"], teacher=pipe.paths["teacher"], param_pattern=args.params or None)
+    print(f"gamma = {sm['gamma']['mean']:.4f} +- {sm['gamma']['std']:.4f} over {args.batches} batches "
+          f"(alpha={alpha}, mode={res['mode']}); ||g_std|| {sm['norm_std']['mean']:.4g} +- "
+          f"{sm['norm_std']['std']:.2g}, ||g_vis|| {sm['norm_vis']['mean']:.4g} +- {sm['norm_vis']['std']:.2g}, "
+          f"cos(phi) {sm['cos_phi']['mean']:.4f} +- {sm['cos_phi']['std']:.4f}; paper presets at alpha=2: "
+          + ", ".join(f"{k} {v}" for k, v in GAMMA_PRESETS.items()))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+    if args.write:
+        write_gamma(res["gamma"], args.write, config, alpha)
+        print(f"wrote loss.gamma={res['gamma']:.4f} to {args.write}")
+    return 0
 
 
 def analyze_main(argv=None) -> int:
-    from .analyze import main
+    p = argparse.ArgumentParser(
+        prog="vgs-analyze",
+        description="Angles between the std, vis and lang parameter gradients per VDS decile of on-policy "
+                    "tokens (paper Sec. 3.2, Fig. 3); writes CSV, PNG and JSON.",
+        epilog="Example: vgs-analyze configs/tiny.yaml --out runs/analyze --batches 4 --params 'language_model'")
+    p.add_argument("config", nargs="?", help="training YAML config (default: the embedded tiny default)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides (model.student=PATH, ...)")
+    p.add_argument("--out", default="runs/analyze", help="output folder")
+    p.add_argument("--batches", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (one rollout each)")
+    p.add_argument("--bins", type=int, default=10)
+    p.add_argument("--params", default="", help="regex over parameter names (default: all trainable)")
+    p.add_argument("--vjp-batch", type=int, default=30,
+                   help="parameter gradients per vectorised backward pass (lower = less memory; 1 = a loop)")
+    p.add_argument("--split", choices=("eval", "train"), default="eval", help="prompts from (default: eval)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--report", metavar="ANGLES_JSON", help="only print the table of a finished run's angles.json")
+    p.add_argument("--readme", metavar="PATH", help="write the angle table into this README (between "
+                   "<!-- analyze:start --> and <!-- analyze:end -->)")
+    args = p.parse_args(argv)
+    from .analyze import PAIRS, analyze, format_table, plot, readme_section, trend, write_csv
+    from .readme import write_section
 
-    return main(argv)
+    if args.report:
+        with open(args.report) as f:
+            summary = json.load(f)
+        print(format_table(summary["table"]))
+        if args.readme:
+            write_section(args.readme, "analyze", readme_section(summary))
+        return 0
+    setup = _tool_setup("vgs-analyze", args)
+    if setup is None:
+        return 2
+    _, cfg, pipe, rows, params = setup
+    table = analyze(pipe, rows, batches=args.batches, batch_size=args.batch_size, bins=args.bins, params=params,
+                    seed=cfg.run.seed, vjp_batch=max(1, args.vjp_batch))
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = write_csv(table, os.path.join(args.out, "angles.csv"))
+    n_params = sum(p.numel() for _, p in params)
+    student, teacher = pipe.paths["student"], pipe.paths["teacher"]
+    png = plot(table, os.path.join(args.out, "angles.png"),
+               f"{os.path.basename(student.rstrip('/'))} vs {os.path.basename(teacher.rstrip('/'))}"
+               f": {sum(r['tokens'] for r in table)} on-policy tokens, {n_params:,} parameters")
+    summary = {"table": table, "trend": {f"angle_{a}_{b}": trend(table, f"angle_{a}_{b}") for a, b in PAIRS},
+               "student": student, "teacher": teacher, "params": n_params, "param_pattern": args.params or None,
+               "batches": args.batches, "batch_size": args.batch_size, "out": os.path.relpath(args.out)}
+    with open(os.path.join(args.out, "angles.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(format_table(table))
+    t = summary["trend"]["angle_lang_vis"]
+    print(f"angle(g_lang, g_vis): bin 0 {t['first']:.1f} deg -> bin {len(table) - 1} {t['last']:.1f} deg, slope "
+          f"{t['slope_deg_per_bin']:+.2f} deg/bin, Spearman {t['spearman']:+.2f}")
+    print(f"wrote {csv_path}, {png}, {os.path.join(args.out, 'angles.json')}")
+    if args.readme:
+        write_section(args.readme, "analyze", readme_section(summary))
+    return 0

@@ -1,6 +1,14 @@
 """Typed training configuration: dataclasses, YAML (``yaml.safe_load``) and dotted ``key=value`` overrides.
 
-Unknown keys are errors that name the key and list the valid ones.
+The bottom layer of ``vgs_train`` (docs/design.md): it imports no model, view or loop code. It is the one
+place that names the methods (``METHODS``, ``GRPO_METHODS``), the loss keywords they pass to the kernels
+(:meth:`TrainConfig.loss_kwargs`) and the gamma presets (``GAMMA_PRESETS``).
+
+Unknown keys are errors that name the key and list the valid ones. Plain dataclasses with a small coercion
+step, not OmegaConf structured configs or ``HfArgumentParser``: OmegaConf's unknown-key error names the key
+but not the valid ones and its type errors span several lines of internals (``reference_type=...``), and
+``HfArgumentParser`` reads ``--flags`` into flat dataclasses, not a YAML file of nested sections with dotted
+overrides; both would need the same wrapping this module does, plus a dependency.
 """
 
 from __future__ import annotations
@@ -14,14 +22,59 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from .tiny import TinyModelConfig
+from .rewards import get_reward_fn
 
+# loss.method -> the mode of the VGS loss it distils with (docs/math.md, "Objectives")
 METHODS = {"opd": "standard", "vgs": "vgs", "vgs-adaptive": "adaptive", "language-steering": "language"}
 # GRPO (paper Sec. 8, Eq. 22) -> the distillation regulariser's mode (None: pure GRPO, no teacher)
 GRPO_METHODS = {"grpo": None, "grpo+opd": "standard", "grpo+vgs": "vgs"}
 ALL_METHODS = {**METHODS, **GRPO_METHODS}
-PLANNED_METHODS: tuple = ()
 TRAIN_REDUCTIONS = ("sequence", "token")  # "sum" / "none" are for callers that normalise themselves
+ROLLOUT_ENGINES = ("hf",)  # rollout.engine names; vgs_train.rollout.ENGINES maps each to its class
+# gamma at alpha = 2 from App. A of the paper (the model's name, case-insensitive, as in the config)
+GAMMA_PRESETS = {"qwen3-vl-2b": 0.41, "qwen3-vl-4b": 0.36}
+PRESET_ALPHA = 2.0
+
+
+def gamma_preset(name: str, alpha: float) -> float:
+    """``GAMMA_PRESETS`` lookup by name (``qwen3-vl-2b`` / ``qwen3-vl-4b``; a model path containing one of
+    them, e.g. ``Qwen/Qwen3-VL-2B-Instruct``, also matches). Presets hold only at alpha = 2."""
+    key = name.lower()
+    hit = [v for k, v in GAMMA_PRESETS.items() if k in key]
+    if not hit:
+        raise ValueError(f"no gamma preset for {name!r}; presets: {sorted(GAMMA_PRESETS)} (or 'auto', or a number)")
+    if abs(alpha - PRESET_ALPHA) > 1e-9:
+        raise ValueError(f"gamma preset {name!r} was measured at alpha={PRESET_ALPHA}, not alpha={alpha}; "
+                         "use gamma: auto or run vgs-calibrate")
+    return hit[0]
+
+
+def steering_mode(mode: str | None) -> str:
+    """The mode whose beta = 0 objective is std + alpha * (its steering term): the distillation mode itself,
+    ``vgs`` for the methods without one (``opd``, pure GRPO). What vgs-calibrate and gamma: auto measure."""
+    return "vgs" if mode in (None, "standard", "vgs") else mode
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes of a tiny Qwen3-VL (``vgs_train.tiny`` builds it; the real models' sizes are in the same fields)."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 16
+    intermediate_size: int = 128
+    mrope_section: list = field(default_factory=lambda: [4, 2, 2])
+    rope_theta: float = 5_000_000.0
+    vision_depth: int = 2
+    vision_hidden_size: int = 64
+    vision_num_heads: int = 4
+    vision_intermediate_size: int = 128
+    deepstack_visual_indexes: list = field(default_factory=lambda: [0])
+    num_position_embeddings: int = 64  # a perfect square (8 x 8 patch grid)
+    tie_word_embeddings: bool = True
+    vocab_multiple: int = 64  # lm_head rows = len(tokenizer) rounded up (Qwen: 151669 ids -> 151936 rows)
 
 
 @dataclass
@@ -184,8 +237,6 @@ class TrainConfig:
             if self.rollout.samples_per_prompt < 2:
                 raise ValueError(f"loss.method={m} needs rollout.samples_per_prompt (the GRPO group size G) >= 2, "
                                  f"got {self.rollout.samples_per_prompt}")
-            from .rewards import get_reward_fn
-
             get_reward_fn(self.grpo.reward)
         self._validate_grpo()
         for name, v in (("run.max_steps", self.run.max_steps), ("run.log_every", self.run.log_every),
@@ -216,10 +267,8 @@ class TrainConfig:
             raise ValueError(f"model.dtype must be auto, fp32 or bf16, got {self.model.dtype!r}")
         if self.embedded.tokenizer_vocab not in ("task", "full"):
             raise ValueError(f"embedded.tokenizer_vocab must be task or full, got {self.embedded.tokenizer_vocab!r}")
-        from .rollout import ENGINES
-
-        if self.rollout.engine not in ENGINES:
-            raise ValueError(f"rollout.engine must be one of {sorted(ENGINES)}, got {self.rollout.engine!r}")
+        if self.rollout.engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"rollout.engine must be one of {sorted(ROLLOUT_ENGINES)}, got {self.rollout.engine!r}")
         if check_paths:
             self.check_paths()
         return self
@@ -290,8 +339,6 @@ class TrainConfig:
     def _validate_gamma(self) -> None:
         g = self.loss.gamma
         if isinstance(g, str) and g != "auto":
-            from .calibrate import gamma_preset
-
             try:
                 float(g)
             except ValueError:
@@ -324,18 +371,19 @@ class TrainConfig:
         if g == "auto":
             return 1.0
         if isinstance(g, str):
-            from .calibrate import gamma_preset
-
             return gamma_preset(g, self.loss.alpha)
         return float(g)
 
-    def loss_kwargs(self) -> dict:
+    def loss_kwargs(self, *, mode: str | None = None, gamma: float | None = None) -> dict:
+        """The ``loss.`` keywords for ``fused_linear_vgs_loss`` (built here only): ``mode`` from loss.method
+        unless given, ``gamma`` numeric (presets resolved, ``auto`` -> 1.0 until calibrated) unless given.
+        vgs-calibrate and vgs-analyze pass ``mode=steering_mode(cfg.loss_mode), gamma=1.0``."""
         lc = self.loss
         thr = lc.threshold
         if isinstance(thr, list):
             thr = tuple(thr)
-        return dict(mode=self.loss_mode or "standard", alpha=lc.alpha, beta=lc.beta, gamma=self.gamma_value(),
-                    quantile=lc.quantile,
+        return dict(mode=mode or self.loss_mode or "standard", alpha=lc.alpha, beta=lc.beta,
+                    gamma=self.gamma_value() if gamma is None else gamma, quantile=lc.quantile,
                     adaptive_quantiles=tuple(lc.adaptive_quantiles), threshold=thr, vds_scope=lc.vds_scope,
                     temperature=lc.temperature, reduction=lc.reduction,
                     detach_target_prior=lc.detach_target_prior, chunk_size=lc.chunk_size, backend=lc.backend)

@@ -54,28 +54,22 @@ def distill_gap(student, teacher, processor, rows, loss_kwargs: dict, *, batch_s
                 max_new_tokens: int = 40, seed: int = 0) -> dict:
     """Mean std / vis / lang KL and the teacher's VDS of ``student`` against ``teacher`` per response token
     of the student's own samples (T = 1) to ``rows``, and the prior gap (``vgs_train.health.prior_gap``)."""
-    from vgs_kernels import fused_linear_vgs_loss
-
+    from .modeling import lm_head_rows
+    from .pipeline import Pipeline
     from .rollout import HFRolloutEngine
-    from .views import PromptBuilder, build_views, four_view_hidden
+    from .views import PromptBuilder
 
     builder = PromptBuilder(processor)
     tok = builder.tokenizer
-    engine = HFRolloutEngine(tok, max_new_tokens=max_new_tokens,
-                             vocab_rows=student.get_output_embeddings().weight.shape[0])
+    engine = HFRolloutEngine(tok, max_new_tokens=max_new_tokens, vocab_rows=lm_head_rows(student))
     kw = {k: v for k, v in loss_kwargs.items() if k not in ("mode", "return_per_token")}
+    pipe = Pipeline(student, teacher, builder, engine, len(tok), {**kw, "mode": "vgs", "return_per_token": True})
     sums, count, gap_sum, gap_n = {"std": 0.0, "vis": 0.0, "lang": 0.0, "vds": 0.0}, 0, 0.0, 0
     with fork_rng():
         torch.manual_seed(seed)
         for i in range(0, len(rows), batch_size):
-            chunk = rows[i:i + batch_size]
-            img, txt = builder.encode(chunk, True), builder.encode(chunk, False)
-            comp, mask = engine.generate(student, img, do_sample=True)
-            views = build_views(img, txt, comp, mask)
-            hs, hsp, ht, htp = four_view_hidden(student, teacher, views)
-            out = fused_linear_vgs_loss(hs, hsp, student.get_output_embeddings().weight, ht, htp,
-                                        teacher.get_output_embeddings().weight, views.mask,
-                                        vocab_size=len(tok), mode="vgs", return_per_token=True, **kw)
+            views = pipe.sample(rows[i:i + batch_size]).views
+            out = pipe.loss(pipe.hidden(views), views.mask)
             n = int(views.mask.sum())
             for k in sums:
                 sums[k] += out.metrics[k] * n

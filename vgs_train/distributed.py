@@ -32,13 +32,21 @@ forward:
   usual. :func:`prepare_sharded_lm_head` also registers the weight as an external parameter of the root
   module (``deepspeed.zero.register_external_parameter``, for a tied lm_head used by the root).
 
-``tests/test_distributed.py`` checks all three on 2 CPU processes (gloo) with ``torch.distributed``'s
+``tests/train/test_distributed.py`` checks all three on 2 CPU processes (gloo) with ``torch.distributed``'s
 DDP / ``fully_shard`` and ``deepspeed.initialize``: the averaged gradients equal the single-process
 gradients on the concatenated batch. (accelerate 1.x cannot enable FSDP or DeepSpeed on a CPU-only
 machine, so the trainer's FSDP2 / ZeRO-3 paths are exercised on GPUs only.)
 
 So no engine-specific gather/scatter of gradients is written here: each engine keeps its own gradient
-reduction. The teacher never needs gradients: :func:`gathered_weight` gives a read-only whole weight
+reduction.
+
+**Why torch.distributed and not accelerate's collectives here.** These helpers serve any process group:
+the trainer's (started by accelerate), TRL's, and the groups of trainers that call the loss directly
+(verl / OpenRLHF style, the test harness's plain ``init_process_group``). ``accelerate.utils.reduce`` and
+``gather_object`` consult accelerate's own process state instead of the group, and skip the collective
+where that state says one process: a silent wrong number in a group accelerate did not start. The
+trainer's own reductions (metrics, the stop signal) do use accelerate's (``Trainer._sum_over_ranks``,
+``set_trigger`` / ``check_trigger``). The teacher never needs gradients: :func:`gathered_weight` gives a read-only whole weight
 (``DTensor.full_tensor()`` / ``deepspeed.zero.GatheredParameters``) when the teacher is sharded too;
 by default the teacher is replicated (inference only, no optimizer state).
 """
@@ -120,25 +128,14 @@ def global_counts(mask: torch.Tensor | None, shape: tuple[int, ...] | None = Non
     return GlobalCounts(n_valid, int(tot[0]), n_seq, int(tot[1]), world_size())
 
 
-def loss_scale(mask: torch.Tensor | None, reduction: str = "sequence", shape=None) -> float:
-    """``n_valid_local*world/n_valid_global`` (token) or ``n_seq_local*world/n_seq_global`` (sequence);
-    1.0 in a single process."""
-    return global_counts(mask, shape).scale(reduction)
-
-
-def global_loss_value(scaled_loss: torch.Tensor | float) -> float:
-    """The global-batch loss from each rank's *scaled* loss: their mean over ranks."""
-    v = float(scaled_loss.detach()) if torch.is_tensor(scaled_loss) else float(scaled_loss)
-    return float(all_reduce_sum([v])[0]) / world_size()
-
-
 def reduce_metrics(metrics: dict[str, float], weight: float, sum_keys: tuple[str, ...] = (),
-                   mean_keys: tuple[str, ...] = ()) -> dict[str, float]:
+                   mean_keys: tuple[str, ...] = (), *, sum_over_ranks: Callable | None = None) -> dict[str, float]:
     """Reduce per-rank numeric metrics over ranks in one all-reduce: by default a mean weighted by
     ``weight`` (this rank's valid tokens for the VGS metrics, which are means over valid tokens); keys in
     ``sum_keys`` are summed and keys in ``mean_keys`` averaged with equal weights (e.g. the scaled loss:
     the mean of the ranks' scaled losses is the global-batch loss). A NaN (a rank with no valid token)
-    contributes nothing; non-numeric values are passed through."""
+    contributes nothing; non-numeric values are passed through. ``sum_over_ranks(list) -> tensor``: the
+    all-reduce to use (default :func:`all_reduce_sum`; the trainer passes accelerate's)."""
     keys = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
     if not is_distributed():
         return dict(metrics)
@@ -148,7 +145,7 @@ def reduce_metrics(metrics: dict[str, float], weight: float, sum_keys: tuple[str
         w = 1.0 if (k in sum_keys or k in mean_keys) else float(weight)
         ok = v == v and w > 0
         vals += [v * w if ok else 0.0, w if ok else 0.0]
-    tot = all_reduce_sum(vals).tolist()
+    tot = (sum_over_ranks or all_reduce_sum)(vals).tolist()
     out = dict(metrics)
     for i, k in enumerate(keys):
         s, w = tot[2 * i], tot[2 * i + 1]
@@ -167,22 +164,6 @@ def rank_share(indices: list, rank_: int | None = None, world: int | None = None
         raise ValueError(f"rank_share: {len(indices)} indices do not split over {world} ranks")
     k = len(indices) // world
     return list(indices[rank_ * k:(rank_ + 1) * k])
-
-
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (e.g. a stop signal that reached one rank)."""
-    if not is_distributed():
-        return bool(flag)
-    return bool(all_reduce_sum([1.0 if flag else 0.0])[0] > 0)
-
-
-def gather_objects(obj) -> list:
-    """Every rank's picklable ``obj``, in rank order (on all ranks)."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def run_in_forward(wrapper: torch.nn.Module, module: torch.nn.Module, fn: Callable, *args: Any, **kwargs: Any):

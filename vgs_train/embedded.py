@@ -148,6 +148,19 @@ def stage_keys(cfg: TrainConfig) -> dict:
     return {"data": data, **{m: key(m, fields, data) for m, fields in MODEL_KEYS.items()}}
 
 
+def resolve_paths(cfg: TrainConfig, verbose: bool = True) -> dict:
+    """Model and data paths of a config: {"student", "teacher", "train", "eval"}, preparing the embedded
+    default (or reusing its cache) where the config asks for it ("tiny" / "synthetic")."""
+    need = "tiny" in (cfg.model.student, cfg.model.teacher) or "synthetic" in (cfg.data.train, cfg.data.eval)
+    emb = prepare_embedded(cfg, verbose=verbose) if need else None
+
+    def pick(value, key):
+        return emb[key] if value in ("tiny", "synthetic") else value
+
+    return {"student": pick(cfg.model.student, "student"), "teacher": pick(cfg.model.teacher, "teacher"),
+            "train": pick(cfg.data.train, "train"), "eval": pick(cfg.data.eval, "eval") if cfg.data.eval else ""}
+
+
 def prepare_embedded(cfg: TrainConfig, verbose: bool = True, workers: int = 1) -> dict:
     """Build (or reuse from the cache) the synthetic task, the SFT'd tiny teacher and the warmed-up tiny
     student, each stage cached on its own (changing the student's recipe does not retrain the teacher).

@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import re
-
 import torch
 
+from .answers import is_correct
 from .config import check_eval_k
 from .data import Example
 from .health import truncated_fraction
 from .rng import fork_rng
 from .rollout import HFRolloutEngine
 from .views import PromptBuilder
-
-_PUNCT = re.compile(r"[\s\.\,\!\?\:\;\"'`]+")
-
-
-def extract_answer(text: str) -> str:
-    """The text after the last ``</reason>`` (or the whole text without one), without special tokens,
-    an optional \\boxed{}, surrounding punctuation and case."""
-    text = re.sub(r"<\|[^|]*\|>", "", text)
-    if "</reason>" in text:
-        text = text.rsplit("</reason>", 1)[1]
-    m = re.search(r"\\boxed\{([^}]*)\}", text)
-    if m:
-        text = m.group(1)
-    return normalize(text)
-
-
-def normalize(text: str) -> str:
-    return _PUNCT.sub(" ", text).strip().lower()
-
-
-def is_correct(completion_text: str, answer: str) -> bool:
-    return extract_answer(completion_text) == normalize(answer)
 
 
 @torch.no_grad()

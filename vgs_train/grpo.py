@@ -9,30 +9,32 @@
   min(rho * A_i, clip(rho, 1 - eps_low, 1 + eps_high) * A_i), averaged over each sequence's tokens and
   then over sequences (``reduction="sequence"``, the GRPO paper's 1/G sum_i 1/|o_i| sum_t), or over all
   tokens (``reduction="token"``).
-* L_distill is ``fused_linear_vgs_loss`` on the same four views (``grpo+opd``: mode ``standard``;
+* L_distill is the pipeline's VGS loss on the same four views (``grpo+opd``: mode ``standard``;
   ``grpo+vgs``: mode ``vgs``); ``grpo`` alone is lambda = 0 (the teacher is not run at all).
 
 With one optimisation step per rollout batch (the default) pi_old is the rollout policy itself, so
 rho = 1 and the clip is inactive; it matters with several steps per rollout batch (``iterations``).
 lambda = 0 is pure GRPO and lambda = 1 pure distillation (a term whose weight is 0 is not computed).
+
+:class:`GRPOStep` is the trainer's micro-step for the GRPO methods: new rollout groups, or the stored ones
+while ``grpo.iterations`` optimizer steps reuse a rollout batch (docs/training.md, "GRPO").
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vgs_kernels import fused_linear_vgs_loss
-
+from .config import GRPO_METHODS, TrainConfig
+from .pipeline import Pipeline
 from .rewards import get_reward_fn, score
-from .views import ViewBatch, build_views, four_view_hidden, repeat_prompt, response_hidden
-
-# method -> distillation mode of the regulariser (None: pure GRPO)
-GRPO_METHODS = {"grpo": None, "grpo+opd": "standard", "grpo+vgs": "vgs"}
+from .views import ViewBatch
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -145,61 +147,40 @@ class GRPOBatch:
     group_size: int = 1
     old_logp: torch.Tensor | None = None  # [B*G, T], filled by the first optimisation step
     time_rollout: float = 0.0
-
-
-def _to(d: dict, dev) -> dict:
-    return {k: (v.to(dev) if torch.is_tensor(v) else v) for k, v in d.items()}
+    truncated: float = 0.0  # share of the rollouts without an end token
 
 
 @torch.no_grad()
-def rollout_groups(student, engine, builder, rows, group_size: int, reward_fn="exact_match", *,
-                   scale_rewards: bool = True, device=None) -> GRPOBatch:
+def rollout_groups(pipe: Pipeline, rows, group_size: int, reward_fn="exact_match", *,
+                   scale_rewards: bool = True) -> GRPOBatch:
     """G sampled rollouts per prompt (image view) -> views, rewards, group-normalised advantages."""
-    t0 = time.perf_counter()
-    dev = device or next(student.parameters()).device
-    fn = get_reward_fn(reward_fn)
-    img = _to(repeat_prompt(builder.encode(rows, with_image=True), group_size), dev)
-    txt = _to(repeat_prompt(builder.encode(rows, with_image=False), group_size), dev)
-    completion, mask = engine.generate(student, img, do_sample=True)
-    tok = builder.tokenizer
-    texts = tok.batch_decode(completion.masked_fill(~mask, tok.pad_token_id), skip_special_tokens=True)
-    answers = [r.answer for r in rows for _ in range(group_size)]
-    rewards, correct = score(fn, texts, answers)
-    r = torch.tensor(rewards, dtype=torch.float32)
-    return GRPOBatch(build_views(img, txt, completion, mask), r.to(dev), torch.tensor(correct).to(dev),
-                     group_advantages(r, group_size, scale=scale_rewards).to(dev), texts,
-                     group_size=group_size, time_rollout=time.perf_counter() - t0)
+    r = pipe.sample(rows, group_size)
+    rewards, correct = score(get_reward_fn(reward_fn), r.texts, r.answers)
+    dev = r.views.mask.device
+    rw = torch.tensor(rewards, dtype=torch.float32)
+    return GRPOBatch(r.views, rw.to(dev), torch.tensor(correct).to(dev),
+                     group_advantages(rw, group_size, scale=scale_rewards).to(dev), r.texts,
+                     group_size=group_size, time_rollout=r.seconds, truncated=r.truncated)
 
 
-def grpo_loss(student, teacher, batch: GRPOBatch, *, lam: float = 0.3, distill_mode: str | None = "vgs",
+def grpo_loss(pipe: Pipeline, batch: GRPOBatch, *, lam: float = 0.3, distill_mode: str | None = "vgs",
               epsilon: float = 0.2, epsilon_high: float | None = None, reduction: str = "sequence",
-              policy_temperature: float = 1.0, vocab_size: int | None = None, distill_kwargs: dict | None = None,
-              autocast=None, gamma_fn=None) -> tuple[torch.Tensor, dict]:
+              policy_temperature: float = 1.0, gamma_fn=None) -> tuple[torch.Tensor, dict]:
     """The Eq. 22 loss on one rollout batch and its logged parts.
 
-    ``distill_mode=None`` (method ``grpo``) is pure GRPO whatever ``lam``; ``distill_kwargs`` are the loss
-    keywords (alpha, beta, gamma, ...) for ``fused_linear_vgs_loss`` (their ``mode`` is overridden).
-    ``batch.old_logp`` is set on the first call (rollout policy = current policy) and reused afterwards.
-    ``autocast``: a context manager factory for the model forwards (e.g. ``accelerator.autocast``).
-    ``gamma_fn(hidden4, (w_student, w_teacher), mask) -> gamma``: overrides the distillation gamma
-    (``loss.gamma: auto`` measures it on this batch's hidden states)."""
-    import contextlib
-
+    ``distill_mode=None`` (method ``grpo``) is pure GRPO whatever ``lam``; the distillation term is
+    ``pipe.loss`` in ``distill_mode`` (its other keywords: the pipeline's). ``batch.old_logp`` is set on the
+    first call (rollout policy = current policy) and reused afterwards. ``gamma_fn(hidden, mask) -> gamma``:
+    overrides the distillation gamma (``loss.gamma: auto`` measures it on this batch's hidden states)."""
     lam = 0.0 if distill_mode is None else float(lam)
-    ctx = autocast or contextlib.nullcontext
     views = batch.views
-    inner = getattr(student, "module", student)
-    ws = inner.get_output_embeddings().weight
-    T = views.completion_ids.shape[1]
-    with ctx():
-        if lam > 0.0:
-            hs, hsp, ht, htp = four_view_hidden(student, teacher, views)
-        else:
-            hs = response_hidden(student, views.image, T)
+    hidden = pipe.hidden(views, teacher=lam > 0.0)
     m: dict = {}
     j = None
     if lam < 1.0:
-        logp = token_logprobs(hs, ws, views.completion_ids, views.mask, vocab_size=vocab_size,
+        head = pipe.student_head
+        logp = token_logprobs(hidden.student, head.weight, views.completion_ids, views.mask,
+                              bias=getattr(head, "bias", None), vocab_size=pipe.vocab_size,
                               temperature=policy_temperature)
         if batch.old_logp is None:
             batch.old_logp = logp.detach()
@@ -208,13 +189,13 @@ def grpo_loss(student, teacher, batch: GRPOBatch, *, lam: float = 0.3, distill_m
         m.update(grpo_objective=float(j.detach()), **sm)
     distill = None
     if lam > 0.0:
-        kw = {**(distill_kwargs or {}), "mode": distill_mode}
-        wt = teacher.get_output_embeddings().weight
+        kw = {"mode": distill_mode}
         if gamma_fn is not None:
-            kw["gamma"] = float(gamma_fn((hs, hsp, ht, htp), (ws, wt), views.mask))
-        out = fused_linear_vgs_loss(hs, hsp, ws, ht, htp, wt, views.mask, vocab_size=vocab_size, **kw)
+            kw["gamma"] = float(gamma_fn(hidden, views.mask))
+        out = pipe.loss(hidden, views.mask, **kw)
         distill = out.loss
-        m.update(distill_loss=float(distill.detach()), gamma=float(kw.get("gamma", 1.0)), **out.metrics)
+        m.update(distill_loss=float(distill.detach()), gamma=float(kw.get("gamma", pipe.loss_kwargs.get("gamma", 1.0))),
+                 **out.metrics)
     loss = combine(j, distill, lam)
     mask = views.mask
     m.update(loss=float(loss.detach()), reward=float(batch.rewards.float().mean()),
@@ -224,6 +205,83 @@ def grpo_loss(student, teacher, batch: GRPOBatch, *, lam: float = 0.3, distill_m
              adv_abs_mean=float(batch.advantages.abs().mean()),
              zero_adv_groups=_zero_groups(batch.advantages, batch.group_size), lam=lam)
     return loss, m
+
+
+# ---------------------------------------------------------------------------------------------- the step
+class GRPOStep:
+    """The trainer's micro-step for the GRPO methods (``grpo``, ``grpo+opd``, ``grpo+vgs``).
+
+    A rollout batch (B prompts x G rollouts) serves ``grpo.iterations`` optimizer steps: the first samples
+    and stores one batch per micro-batch, the following ones reuse them (the clip is active from the second
+    on). The shared position (``uses``) is saved with the trainer's state; each rank's stored batches go to
+    its own file (:meth:`rank_state`), as every rank sampled its own rollouts.
+
+    ``scale(mask) -> float`` multiplies the loss (the trainer's global-normaliser scale over ranks);
+    ``gamma_fn``: as in :func:`grpo_loss`."""
+
+    def __init__(self, pipe: Pipeline, cfg: TrainConfig, *, scale: Callable[[torch.Tensor], float],
+                 gamma_fn=None):
+        self.pipe, self.cfg, self.scale, self.gamma_fn = pipe, cfg, scale, gamma_fn
+        self.reward_fn = get_reward_fn(cfg.grpo.reward)
+        self.buffer: list[GRPOBatch] = []  # this rank's rollout batches of the current iteration cycle
+        self.uses = 0  # optimizer steps the stored batches have served (0 .. iterations - 1)
+
+    def begin(self, micro_batches: int) -> bool:
+        """Called before an optimizer step; True when this step reuses the stored rollout batches."""
+        reuse = self.uses > 0 and len(self.buffer) == micro_batches
+        if not reuse:
+            self.buffer, self.uses = [], 0
+        return reuse
+
+    def __call__(self, index: int, rows: list | None) -> tuple[torch.Tensor, dict]:
+        """Micro-batch ``index`` of the step: new rollout groups of ``rows``, or (``rows`` None) the stored
+        batch ``index``. Returns the (scaled) loss to backpropagate and the metrics."""
+        cfg, g = self.cfg, self.cfg.grpo
+        if rows is None:
+            batch, t_roll = self.buffer[index], 0.0
+        else:
+            batch = rollout_groups(self.pipe, rows, cfg.rollout.samples_per_prompt, self.reward_fn,
+                                   scale_rewards=g.scale_rewards)
+            if g.iterations > 1:
+                self.buffer.append(batch)
+            t_roll = batch.time_rollout
+        t1 = time.perf_counter()
+        loss, m = grpo_loss(self.pipe, batch, lam=g.lam, distill_mode=GRPO_METHODS[cfg.loss.method],
+                            epsilon=g.epsilon, epsilon_high=g.epsilon_high, reduction=cfg.loss.reduction,
+                            policy_temperature=cfg.rollout.temperature, gamma_fn=self.gamma_fn)
+        # both terms are reduced over the same mask: one global-normaliser scale (1 in one process)
+        loss = loss * self.scale(batch.views.mask)
+        m.update(loss=float(loss.detach()), time_rollout=t_roll, time_forward=time.perf_counter() - t1,
+                 truncated=batch.truncated)
+        return loss, m
+
+    def end(self) -> None:
+        self.uses = (self.uses + 1) % self.cfg.grpo.iterations
+
+    def state_dict(self) -> dict:
+        return {"uses": self.uses}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.uses = int(state["uses"])
+
+    def rank_state(self) -> list[dict] | None:
+        """This rank's stored batches as plain dicts (loadable with ``weights_only=True``), None when the
+        next step samples anew."""
+        return [_to_plain(b) for b in self.buffer] if self.uses > 0 else None
+
+    def load_rank_state(self, state: list[dict], device) -> None:
+        self.buffer = [_from_plain(b, device) for b in state]
+
+
+def _to_plain(batch: GRPOBatch) -> dict:
+    return {f.name: getattr(batch, f.name) if f.name != "views" else dataclasses.asdict(batch.views)
+            for f in dataclasses.fields(batch)}
+
+
+def _from_plain(d: dict, device) -> GRPOBatch:
+    d = dict(d)
+    views = ViewBatch(**d.pop("views")).to(device)
+    return GRPOBatch(views=views, **{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in d.items()})
 
 
 def _zero_groups(adv: torch.Tensor, group_size: int) -> float:

@@ -70,3 +70,11 @@ def check_same_tokenizer(student_tok, teacher_tok, student_model=None, teacher_m
             if rows < n:
                 raise ValueError(f"the {name}'s lm_head has {rows} rows, fewer than the tokenizer's {n} ids")
     return n
+
+
+def lm_head_rows(model) -> int:
+    """Rows of ``model``'s lm_head (possibly wrapped, or partitioned by ZeRO-3, which keeps the full shape in
+    ``ds_shape``): what a rollout engine must keep from sampling beyond the tokenizer's ids."""
+    inner = getattr(model, "module", model)
+    w = inner.get_output_embeddings().weight
+    return int(getattr(w, "ds_shape", w.shape)[0])

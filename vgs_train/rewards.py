@@ -3,7 +3,7 @@
 Built in:
 
 * ``exact_match`` (default): 1.0 when the extracted final answer (the text after the last ``</reason>``,
-  an optional ``\\boxed{}`` unwrapped, punctuation and case normalised; see ``evaluate.extract_answer``)
+  an optional ``\\boxed{}`` unwrapped, punctuation and case normalised; see ``answers.extract_answer``)
   equals the normalised reference answer, else 0.0.
 * ``format_exact_match``: 0.9 * exact_match + 0.1 when the completion has the ``<reason>...</reason>``
   format (a small shaping bonus for following the reasoning template).
@@ -18,7 +18,7 @@ import importlib
 import re
 from collections.abc import Callable
 
-from .evaluate import extract_answer, is_correct, normalize
+from .answers import extract_answer, is_correct, normalize
 
 RewardFn = Callable[[str, str], float]
 

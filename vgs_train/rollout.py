@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from .config import RolloutConfig
+
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
 
@@ -59,4 +61,11 @@ class HFRolloutEngine:
         return completion, mask
 
 
-ENGINES = {"hf": HFRolloutEngine}
+ENGINES = {"hf": HFRolloutEngine}  # the names are config.ROLLOUT_ENGINES (checked at load time)
+
+
+def build_engine(rc: RolloutConfig, tokenizer, vocab_rows: int | None = None):
+    """The ``rollout.engine`` of a config with its sampling settings; ``vocab_rows``: the student's lm_head
+    rows (those beyond the tokenizer are never sampled)."""
+    return ENGINES[rc.engine](tokenizer, max_new_tokens=rc.max_new_tokens, temperature=rc.temperature,
+                              top_p=rc.top_p, top_k=rc.top_k, vocab_rows=vocab_rows)

@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from .config import TinyModelConfig
 from .rng import fork_rng
 
-
-@dataclass
-class TinyModelConfig:
-    """Sizes of a tiny Qwen3-VL (SPEC.md appendix: the real models' sizes are in the same fields)."""
-
-    hidden_size: int = 64
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    head_dim: int = 16
-    intermediate_size: int = 128
-    mrope_section: list = field(default_factory=lambda: [4, 2, 2])
-    rope_theta: float = 5_000_000.0
-    vision_depth: int = 2
-    vision_hidden_size: int = 64
-    vision_num_heads: int = 4
-    vision_intermediate_size: int = 128
-    deepstack_visual_indexes: list = field(default_factory=lambda: [0])
-    num_position_embeddings: int = 64  # a perfect square (8 x 8 patch grid)
-    tie_word_embeddings: bool = True
-    vocab_multiple: int = 64  # lm_head rows = len(tokenizer) rounded up (Qwen: 151669 ids -> 151936 rows)
+__all__ = ["TinyModelConfig", "build_processor", "build_tiny_model", "image_only_processor", "qwen3vl_config"]
 
 
 def qwen3vl_config(tiny: TinyModelConfig, tokenizer):

@@ -11,7 +11,7 @@ Two vocabularies:
   given corpus (the task's prompts and answers, the system prompt, the chat template), plus all 256
   single-byte tokens (so any text is still encodable, just in more pieces) and the Qwen3-VL special
   tokens, renumbered compactly. On the corpus it segments text exactly as the full Qwen tokenizer
-  does (``tests/test_train_tokenizer.py`` checks this against tiktoken); its ids differ. It exists
+  does (``tests/train/test_tokenizer.py`` checks this against tiktoken); its ids differ. It exists
   only so that a CPU demo does not spend its time in a 151,936-row lm_head.
 """
 

@@ -12,9 +12,16 @@ loss with VGS:
    without the image (with grad), teacher with / without the image (no grad). The completion ids are
    appended *unchanged* to both prompt views; position ids are computed per view (3-D M-RoPE for the
    image view);
-3. ``vgs_kernels.fused_linear_vgs_loss`` takes them with both lm_head weights (``vocab_size`` = the
-   tokenizer's size: the lm_head's padding rows are excluded from the distributions, and generation never
-   samples them, on transformers' and on vLLM's path alike: :func:`suppress_lm_head_padding`).
+3. the loss is ``vgs_train.pipeline.head_loss`` -- the same call the trainer's pipeline makes: both
+   lm_heads into ``fused_linear_vgs_loss`` (``vocab_size`` = the tokenizer's size: the lm_head's padding
+   rows are excluded from the distributions, and generation never samples them, on transformers' and on
+   vLLM's path alike: :func:`suppress_lm_head_padding`).
+
+Where it differs from ``vgs_train.pipeline.Pipeline`` TRL's batch format forces it: TRL has tokenised the
+prompts and generated the completions already (its ``prompt_ids`` / ``completion_ids``, and the image inputs
+of its processor call), so steps 1-2 read those tensors instead of sampling; and the backbone passes call
+the decoder backbone inside TRL's forward redirection instead of the root model (``Pipeline.hidden``
+calls the wrapped root, which TRL's redirected forward must not re-enter).
 
 It relies on ``DistillationTrainer`` internals (``_generate_and_score_completions``, ``vllm_generation``,
 ``_forward_redirection``): the ``trl`` extra pins TRL 1.16.x, the version the tests run.
@@ -26,15 +33,14 @@ computes in fp32. Models whose logits are scaled or softcapped (``logit_scale``,
 
 Multi-process: the loss runs inside the wrapped student's forward (TRL's forward redirection, see
 ``vgs_train.distributed``), the VDS threshold is global (``vds_scope="global"``), and each rank's loss is
-scaled by :func:`vgs_train.distributed.loss_scale` so that DDP/FSDP gradient averaging gives the
-global-batch loss. TRL's ``beta`` (JSD interpolation) is unused.
+scaled by ``global_counts(mask).scale(reduction)`` (``vgs_train.distributed``) so that DDP/FSDP gradient
+averaging gives the global-batch loss. TRL's ``beta`` (JSD interpolation) is unused.
 
 Example: ``examples/trl_vgs.py``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 from typing import Any
 
@@ -49,15 +55,8 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
         "vgs_train.integrations.trl needs TRL 1.16.x (DistillationTrainer): pip install 'vgs-kernels[trl]'"
     ) from exc
 
-from vgs_kernels import fused_linear_vgs_loss
-
-from ..distributed import (
-    gathered_weight,
-    global_counts,
-    prepare_sharded_lm_head,
-    reduce_metrics,
-    run_in_forward,
-)
+from ..distributed import global_counts, prepare_sharded_lm_head, reduce_metrics, run_in_forward
+from ..pipeline import Hidden, head_loss
 from ..views import position_ids_for
 
 DEFAULT_VGS = dict(mode="vgs", alpha=2.0, beta=0.01, gamma=1.0, quantile=0.7, vds_scope="global",
@@ -228,17 +227,10 @@ class VGSDistillationTrainer(DistillationTrainer):
                              self._response_hidden(unwrapped_teacher, txt, C)))
         s_head = unwrapped_student.get_output_embeddings()
         t_head = unwrapped_teacher.get_output_embeddings()
-        dev = s_head.weight.device  # with a device_map the backbone may end on another device than the head
 
         def vgs():  # inside the lm_head's own forward too: ZeRO-3 gathers its weight there (and for backward)
-            with contextlib.ExitStack() as stack:  # the no-grad teacher head, whole (ZeRO-3 / FSDP2 shard it)
-                wt = stack.enter_context(gathered_weight(t_head.weight))
-                bt = getattr(t_head, "bias", None)
-                bt = stack.enter_context(gathered_weight(bt)) if bt is not None else None
-                out = fused_linear_vgs_loss(
-                    hs.to(dev), hsp.to(dev), s_head.weight, ht.to(dev), htp.to(dev), wt.to(dev), mask.to(dev),
-                    student_bias=getattr(s_head, "bias", None), teacher_bias=None if bt is None else bt.to(dev),
-                    vocab_size=self.vgs_vocab_size, **self.vgs_kwargs)
+            out = head_loss(Hidden(hs, hsp, ht, htp), s_head, t_head, mask, vocab_size=self.vgs_vocab_size,
+                            **self.vgs_kwargs)
             return out.loss, out
 
         loss, out = run_in_forward(s_head, s_head, vgs)

@@ -1,5 +1,6 @@
-"""Shared fixtures for the GRPO / calibrate / analyze tests: a random tiny teacher and student (their
-hidden sizes differ) on a few synthetic examples, and hand-written (materialised) KL terms as the oracle."""
+"""Shared helpers of the vgs_train tests (offline, CPU, seconds): tiny config overrides, a tiny world (a
+random teacher and student whose hidden sizes differ, on a few synthetic rows), its pipeline, and
+hand-written (materialised) KL terms as the oracle."""
 
 import os
 
@@ -7,6 +8,19 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = [
+    "embedded.n_train=24", "embedded.n_eval=6", "embedded.teacher_sft_steps=2", "embedded.student_sft_steps=2",
+    "embedded.sft_batch_size=4", "rollout.max_new_tokens=8", "optim.batch_size=2", "optim.lr=1e-3",
+    "run.progress=false", "run.tensorboard=false", "run.save_every=0", "eval.at_end=false", "eval.k=0",
+]
+
+
+def tiny_overrides(cache_dir, out_dir=None, *extra):
+    o = TINY + [f"embedded.cache_dir={cache_dir}"]
+    if out_dir is not None:
+        o.append(f"run.out_dir={out_dir}")
+    return o + list(extra)
 
 
 def build_world(tmp_dir, n_rows=8):
@@ -25,16 +39,21 @@ def build_world(tmp_dir, n_rows=8):
     return {"tok": tok, "proc": proc, "student": student, "teacher": teacher, "rows": rows, "vocab": len(tok)}
 
 
-def sample(world, n=4, max_new_tokens=8, seed=0, samples_per_prompt=1):
-    from vgs_train.calibrate import sample_views
+def pipeline(world, max_new_tokens=8, **loss_kwargs):
+    """A Pipeline over the world's models (the engine samples at most ``max_new_tokens``)."""
+    from vgs_train.pipeline import Pipeline
     from vgs_train.rollout import HFRolloutEngine
     from vgs_train.views import PromptBuilder
 
-    b = PromptBuilder(world["proc"])
     eng = HFRolloutEngine(world["tok"], max_new_tokens=max_new_tokens,
                           vocab_rows=world["student"].get_output_embeddings().weight.shape[0])
+    return Pipeline(world["student"], world["teacher"], PromptBuilder(world["proc"]), eng, world["vocab"],
+                    dict(loss_kwargs))
+
+
+def sample(world, n=4, max_new_tokens=8, seed=0, samples_per_prompt=1):
     torch.manual_seed(seed)
-    return sample_views(world["student"], b, eng, world["rows"][:n], "cpu", samples_per_prompt)
+    return pipeline(world, max_new_tokens).sample(world["rows"][:n], samples_per_prompt).views
 
 
 def kl(log_a, log_b):

@@ -1,13 +1,12 @@
 """GRPO (paper Sec. 8, Eq. 22): group-normalised advantages and the clipped surrogate against hand
-computations; lambda = 0 is pure GRPO and lambda = 1 pure distillation (Eq. 22 as in SPEC.md:
+computations; lambda = 0 is pure GRPO and lambda = 1 pure distillation (Eq. 22 as in docs/math.md:
 J = (1 - lambda) J_GRPO - lambda L); rewards; a rollout batch end to end."""
 
 import math
 
 import pytest
 import torch
-from _tools_helpers import build_world, flat_grad, sample
-from _train_helpers import tiny_overrides
+from train_helpers import flat_grad, pipeline, sample, tiny_overrides
 
 from vgs_train.grpo import (
     GRPOBatch,
@@ -19,11 +18,6 @@ from vgs_train.grpo import (
     token_logprobs,
 )
 from vgs_train.rewards import exact_match, format_exact_match, get_reward_fn
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("grpo_task"))
 
 
 def test_group_advantages_by_hand():
@@ -119,7 +113,7 @@ def test_lambda_endpoints(world):
 
     def g_of(lam, mode="vgs"):
         batch.old_logp = None
-        loss, m = grpo_loss(s, t, batch, lam=lam, distill_mode=mode, vocab_size=V, distill_kwargs=kw)
+        loss, m = grpo_loss(pipeline(world, **kw), batch, lam=lam, distill_mode=mode)
         return flat_grad(loss, params), m
 
     g0, m0 = g_of(0.0)
@@ -138,14 +132,8 @@ def test_lambda_endpoints(world):
 
 
 def test_rollout_groups_and_rewards(world):
-    from vgs_train.rollout import HFRolloutEngine
-    from vgs_train.views import PromptBuilder
-
-    b = PromptBuilder(world["proc"])
-    eng = HFRolloutEngine(world["tok"], max_new_tokens=6,
-                          vocab_rows=world["student"].get_output_embeddings().weight.shape[0])
     torch.manual_seed(0)
-    batch = rollout_groups(world["student"], eng, b, world["rows"][:3], 4, reward_fn=lambda t, a: float(len(t)))
+    batch = rollout_groups(pipeline(world, max_new_tokens=6), world["rows"][:3], 4, reward_fn=lambda t, a: float(len(t)))
     assert batch.views.completion_ids.shape[0] == 12 and batch.rewards.shape == (12,)
     assert torch.allclose(batch.advantages.view(3, 4).mean(1), torch.zeros(3), atol=1e-5)
     assert batch.rewards.tolist() == [float(len(x)) for x in batch.texts]
@@ -170,13 +158,13 @@ def _integrated():
 
 
 @pytest.mark.skipif(not _integrated(), reason="GRPO methods not wired into the trainer")
-def test_train_cli_smoke(tmp_path_factory, tmp_path):
+def test_train_cli_smoke(embedded_cache, tmp_path):
     import json
 
     from vgs_train.cli import train_main
     from vgs_train.config import load_config
 
-    cache = str(tmp_path_factory.getbasetemp() / "tools_embedded_cache")
+    cache = embedded_cache
     out = tmp_path / "grpo_vgs"
     rc = train_main(tiny_overrides(cache, str(out), "loss.method=grpo+vgs", "rollout.samples_per_prompt=2",
                                    "run.max_steps=2", "grpo.iterations=2", "grpo.epsilon=0.1"))

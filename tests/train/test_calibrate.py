@@ -7,31 +7,25 @@ import os
 
 import pytest
 import yaml
-from _tools_helpers import build_world, direct_terms, flat_grad, sample, sequence_mean
-from _train_helpers import tiny_overrides
+from train_helpers import direct_terms, flat_grad, pipeline, sample, sequence_mean, tiny_overrides
 
 from vgs_train.calibrate import (
     AutoGamma,
     gamma_preset,
-    main,
     measure_gamma,
     select_params,
     term_gradients,
     write_gamma,
 )
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("cal_task"))
+from vgs_train.cli import calibrate_main as main
 
 
 def test_gamma_equals_direct_two_pass(world, alpha=2.0):
     views = sample(world, n=4, max_new_tokens=8, seed=1)
     s = world["student"]
     params = [p for p in s.parameters() if p.requires_grad]
-    st = measure_gamma(s, world["teacher"], views, mode="vgs", alpha=alpha, vocab_size=world["vocab"],
-                       loss_kwargs={"beta": 0.01, "gamma": 0.3})  # beta / gamma are ignored by design
+    st = measure_gamma(pipeline(world, beta=0.01, gamma=0.3), views, mode="vgs",
+                       alpha=alpha)  # the pipeline's beta / gamma are ignored by design
     d = direct_terms(world, views)
     g_std = flat_grad(sequence_mean(d["std"], views.mask), params)
     g_vis = flat_grad(sequence_mean(d["vis"], views.mask), params, retain_graph=False)
@@ -48,32 +42,29 @@ def test_gamma_equals_direct_two_pass(world, alpha=2.0):
 
 
 def test_param_subset_and_autogamma(world):
-    from vgs_train.views import four_view_hidden
-
-    s, t = world["student"], world["teacher"]
+    s = world["student"]
+    pipe = pipeline(world)
     sub = select_params(s, r"language_model\.layers\.1\.")
     assert sub and all("language_model.layers.1." in n for n, _ in sub)
     with pytest.raises(ValueError, match="no trainable parameter"):
         select_params(s, "no_such_param")
     views = sample(world, n=2, max_new_tokens=6, seed=2)
     auto = AutoGamma(steps=2)
-    hidden = four_view_hidden(s, t, views)
-    w = (s.get_output_embeddings().weight, t.get_output_embeddings().weight)
-    g1 = auto.measure(hidden, w, views.mask, sub, alpha=2.0, vocab_size=world["vocab"])
+    hidden = pipe.hidden(views)
+    g1 = auto.measure(pipe.loss, hidden, views.mask, sub, alpha=2.0)
     assert auto.calibrating and auto.value == g1
     # the graph survives the measurement: the real loss can still backpropagate through it
     hidden[0].sum().backward()
     s.zero_grad(set_to_none=True)
     views2 = sample(world, n=2, max_new_tokens=6, seed=3)
-    g2 = auto.measure(four_view_hidden(s, t, views2), w, views2.mask, sub, alpha=2.0, vocab_size=world["vocab"])
+    g2 = auto.measure(pipe.loss, pipe.hidden(views2), views2.mask, sub, alpha=2.0)
     assert not auto.calibrating and abs(auto.value - (g1 + g2) / 2) < 1e-12
     sd = auto.state_dict()
     other = AutoGamma(5)
     other.load_state_dict(json.loads(json.dumps(sd)))
     assert other.value == auto.value and not other.calibrating
     # the same subset through term_gradients directly
-    g_std, g_den = term_gradients(four_view_hidden(s, t, views), w, views.mask, sub, alpha=2.0,
-                                  vocab_size=world["vocab"], retain_graph=False)
+    g_std, g_den = term_gradients(pipe.loss, pipe.hidden(views), views.mask, sub, alpha=2.0, retain_graph=False)
     assert len(g_std) == len(sub) and all(a.shape == p.shape for a, (_, p) in zip(g_std, sub))
 
 
@@ -94,8 +85,8 @@ def test_presets_and_write(tmp_path):
     assert load_config(out).loss.gamma == pytest.approx(0.4235)
 
 
-def test_cli_smoke(tmp_path_factory, tmp_path):
-    cache = str(tmp_path_factory.getbasetemp() / "tools_embedded_cache")
+def test_cli_smoke(embedded_cache, tmp_path):
+    cache = embedded_cache
     out_yaml, out_json = str(tmp_path / "gamma.yaml"), str(tmp_path / "gamma.json")
     rc = main(tiny_overrides(cache) + ["--batches", "2", "--batch-size", "2", "--write", out_yaml,
                                        "--json", out_json, "--quiet"])
@@ -113,11 +104,11 @@ def _integrated():
 
 
 @pytest.mark.skipif(not _integrated(), reason="gamma: auto not wired into the trainer")
-def test_train_gamma_auto(tmp_path_factory, tmp_path):
+def test_train_gamma_auto(embedded_cache, tmp_path):
     from vgs_train.cli import calibrate_main, train_main
     from vgs_train.config import load_config
 
-    cache = str(tmp_path_factory.getbasetemp() / "tools_embedded_cache")
+    cache = embedded_cache
     out = tmp_path / "auto"
     assert train_main(tiny_overrides(cache, str(out), "loss.gamma=auto", "loss.gamma_calibration_steps=2",
                                      "run.max_steps=3")) == 0

@@ -13,9 +13,9 @@ import time
 
 import pytest
 import torch
-from _train_helpers import tiny_overrides
+from train_helpers import tiny_overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # greedy rollouts (top_k=1) so that 1 and 2 processes sample the same completions; a large Adam eps so that
 # the first update is ~linear in the gradient (with eps=1e-8, Adam's g/(|g|+eps) turns fp32 summation-order
 # noise on near-zero gradients into visible parameter differences); token reduction, so that each rank's
@@ -49,9 +49,11 @@ def _metrics(run_dir) -> list[dict]:
 
 
 def _params(run_dir, step: int) -> dict:
+    """A checkpoint's parameters by name (without the "module." prefix of the DDP wrapper's state dict)."""
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(run_dir, "checkpoints", f"step_{step:07d}", "model.safetensors"))
+    sd = load_file(os.path.join(run_dir, "checkpoints", f"step_{step:07d}", "model.safetensors"))
+    return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 def _close_params(a: dict, b: dict, atol: float):
@@ -63,8 +65,8 @@ def _close_params(a: dict, b: dict, atol: float):
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="no torch.distributed gloo backend")
-def test_two_process_step_equals_single_process_and_resumes(tmp_path):
-    cache = tmp_path / "cache"
+def test_two_process_step_equals_single_process_and_resumes(tmp_path, embedded_cache):
+    cache = embedded_cache  # the session's prepared embedded default
     single, multi, killed = tmp_path / "single", tmp_path / "multi", tmp_path / "killed"
     # one process, 4 prompts per micro-batch, one step
     _run(1, tiny_overrides(cache, single, *EXTRA, "optim.batch_size=4", "run.max_steps=1"))

@@ -253,6 +253,7 @@ def test_evaluation_and_calibration_fork_the_cuda_generators_too(monkeypatch):
     from vgs_train.calibrate import calibrate
     from vgs_train.data import Example
     from vgs_train.evaluate import evaluate
+    from vgs_train.pipeline import Pipeline
     from vgs_train.rng import fork_rng
 
     forked = []
@@ -271,7 +272,7 @@ def test_evaluation_and_calibration_fork_the_cuda_generators_too(monkeypatch):
     with pytest.raises(_Forked):
         evaluate(_Model(), proc, rows, k=0, device="cpu")
     with pytest.raises(_Forked):
-        calibrate(_Model(), _Model(), proc, rows, batches=1, batch_size=1)
+        calibrate(Pipeline(_Model(), _Model(), None, None, 4), rows, batches=1, batch_size=1)
     assert forked == [[0, 1]] * 3
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(_Forked):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCES = sorted((ROOT / "csrc").glob("*.cu"))
 HOST_SOURCES = sorted((ROOT / "csrc").glob("*_cuda_host.cpp"))
 NVCC = shutil.which("nvcc")

@@ -17,18 +17,16 @@ from torch import nn
 from vgs_kernels import fused_linear_vgs_loss
 from vgs_train.distributed import (
     GlobalCounts,
-    any_rank,
-    gather_objects,
+    all_reduce_sum,
     gathered_weight,
     global_counts,
-    global_loss_value,
     rank_share,
     reduce_metrics,
     run_in_forward,
     run_with_lm_head,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 H_IN, H, HT, V, T = 12, 16, 20, 40, 7
 ROWS = [3, 2]  # rank 0 holds 3 sequences, rank 1 holds 2 (one of them with no valid token)
 
@@ -82,6 +80,11 @@ def loss_fn(module, b, hs, hsp, reduction, scale_counts: GlobalCounts | None):
     return out.loss * scale, out
 
 
+def global_loss_value(scaled_loss) -> float:
+    """The global-batch loss from each rank's scaled loss: their mean over ranks."""
+    return float(all_reduce_sum([float(scaled_loss.detach())])[0]) / dist.get_world_size()
+
+
 def reference(reduction):
     """Single process, whole batch: loss, threshold and gradients."""
     d = global_batch()
@@ -98,13 +101,15 @@ def _worker(r, world, init_file, errors_dir, engines):
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=world)
         if "zero3" in engines:
             import deepspeed
+            import deepspeed.ops
 
+            # deepspeed's TorchBackend JIT-compiles a shared-memory all-reduce for CPU ranks (a minute of g++
+            # on a fresh 2-core machine); gloo does the reductions checked here, so the op is marked unbuildable
+            deepspeed.ops.__compatible_ops__ = {**deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm": False}
             deepspeed.init_distributed(dist_backend="gloo")  # adopts the process group above
         for engine in engines:
             for reduction in ("sequence", "token"):
                 _check(r, world, engine, reduction)
-        assert any_rank(r == 1) and not any_rank(False)
-        assert gather_objects({"r": r}) == [{"r": 0}, {"r": 1}]
         assert reduce_metrics({"a": float(r), "n": 2.0, "s": 1.0}, weight=r + 1, sum_keys=("s",), mean_keys=("n",)) \
             == {"a": 2 / 3, "n": 2.0, "s": 2.0}
         with open(os.path.join(errors_dir, f"done{r}.txt"), "w") as f:

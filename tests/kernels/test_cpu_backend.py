@@ -14,7 +14,7 @@ from helpers import MODES, assert_close, ragged_mask, random_logits, run_logits
 from vgs_kernels import backends
 from vgs_kernels.backends import resolve, torch_rows
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CPU_STATUS = backends()["cpu"]
 needs_ext = pytest.mark.skipif(
     CPU_STATUS != "available",

@@ -11,7 +11,7 @@ import pytest
 
 from vgs_train.integrations import __doc__ as _doc  # noqa: F401  (the package imports without TRL)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 try:
     import trl  # noqa: F401
@@ -43,6 +43,42 @@ def test_text_only_prompt_drops_images():
     assert conv[1]["content"][0]["type"] == "image"  # the input is not modified
 
 
+def direct_loss(student, teacher, inputs, *, vocab_size, **loss_kwargs):
+    """An oracle independent of the adapter's views: each row's image and text-only sequences rebuilt from
+    TRL's batch without padding, hidden states from the models' own forward (positions computed by the
+    model from scratch), then ``fused_linear_vgs_loss`` on the response positions."""
+    import torch
+
+    from vgs_kernels import fused_linear_vgs_loss
+
+    comp, cmask = inputs["completion_ids"], inputs["completion_mask"].bool()
+    B, C = comp.shape
+    pixels = torch.split(inputs["pixel_values"], inputs["image_grid_thw"].prod(-1).tolist())
+    out = {}
+    for name, model in (("s", student), ("t", teacher)):
+        for view in ("image", "text"):
+            rows = []
+            for i in range(B):
+                key = "prompt" if view == "image" else "text_prompt"
+                keep = inputs[f"{key}_mask"][i].bool()
+                prompt = inputs[f"{key}_ids"][i][keep]
+                ids = torch.cat([prompt, comp[i]])[None]
+                kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
+                if view == "image":
+                    mm = inputs["mm_token_type_ids"][i][torch.cat([keep, torch.ones(C, dtype=torch.bool)])]
+                    kw.update(pixel_values=pixels[i], image_grid_thw=inputs["image_grid_thw"][i:i + 1],
+                              mm_token_type_ids=mm[None])
+                base = model.model
+                base.rope_deltas = None
+                with torch.no_grad():
+                    h = base(**kw).last_hidden_state[0]
+                rows.append(h[len(prompt) - 1: len(prompt) - 1 + C])
+            out[name + view] = torch.stack(rows)
+    return fused_linear_vgs_loss(out["simage"], out["stext"], student.get_output_embeddings().weight,
+                                 out["timage"], out["ttext"], teacher.get_output_embeddings().weight, cmask,
+                                 vocab_size=vocab_size, **loss_kwargs)
+
+
 @pytest.mark.skipif(TRL_ERR is not None, reason=str(TRL_ERR))
 def test_vgs_distillation_trainer_two_steps(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -68,6 +104,12 @@ def test_vgs_distillation_trainer_two_steps(tmp_path, monkeypatch):
             assert ids[:a] + ids[b + 1:] == tids[tm.bool()].tolist()
         # lm_head rows beyond the tokenizer are never sampled
         assert (inputs["completion_ids"][inputs["completion_mask"].bool()] < self.vgs_vocab_size).all()
+        # the adapter's loss = a direct fused_linear_vgs_loss call on hidden states rebuilt row by row
+        want = direct_loss(unwrapped, self.accelerator.unwrap_model(self.teacher_model), inputs,
+                           vocab_size=self.vgs_vocab_size, **self.vgs_kwargs)
+        torch.testing.assert_close(loss.detach(), want.loss, rtol=1e-4, atol=1e-6)
+        for k in ("std", "vis", "lang", "vds", "threshold"):
+            assert metrics[k] == pytest.approx(want.metrics[k], rel=1e-4, abs=1e-6), k
         calls.append((float(loss.detach()), metrics))
         return loss, metrics, counts
 

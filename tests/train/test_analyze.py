@@ -6,21 +6,15 @@ import json
 import math
 import os
 
-import pytest
 import torch
-from _tools_helpers import build_world, direct_terms, sample
-from _train_helpers import tiny_overrides
+from train_helpers import direct_terms, pipeline, sample, tiny_overrides
 
-from vgs_train.analyze import analyze_views, equal_frequency_bins, main, trend
-from vgs_train.calibrate import select_params
+from vgs_train.analyze import analyze_views, equal_frequency_bins, trend
+from vgs_train.cli import analyze_main as main
+from vgs_train.gradients import select_params
 
 # the last decoder layer and the final norm: a short backward keeps the test fast (the subset path)
 SUBSET = r"language_model\.(layers\.1\.mlp|norm)"
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    return build_world(tmp_path_factory.mktemp("ana_task"))
 
 
 def test_equal_frequency_bins():
@@ -35,11 +29,9 @@ def test_equal_frequency_bins():
 
 
 def test_angles_match_direct_cosines(world):
-    s, t = world["student"], world["teacher"]
-    params = select_params(s, SUBSET)
+    params = select_params(world["student"], SUBSET)
     batches = [sample(world, n=3, max_new_tokens=6, seed=11), sample(world, n=2, max_new_tokens=6, seed=12)]
-    table, maps = analyze_views(s, t, batches, params, bins=10, vocab_size=world["vocab"],
-                                loss_kwargs={"beta": 0.01}, return_bins=True)
+    table, maps = analyze_views(pipeline(world, beta=0.01), batches, params, bins=10, return_bins=True)
     n_tok = sum(int(v.mask.sum()) for v in batches)
     counts = [r["tokens"] for r in table]
     assert sum(counts) == n_tok and max(counts) - min(counts) <= 1
@@ -72,8 +64,8 @@ def test_angles_match_direct_cosines(world):
     assert -1.0 <= tr["spearman"] <= 1.0 and tr["first"] == table[0]["angle_lang_vis"]
 
 
-def test_cli_smoke(tmp_path_factory, tmp_path):
-    cache = str(tmp_path_factory.getbasetemp() / "tools_embedded_cache")
+def test_cli_smoke(embedded_cache, tmp_path):
+    cache = embedded_cache
     out = str(tmp_path / "ana")
     rc = main(tiny_overrides(cache) + ["--out", out, "--batches", "1", "--batch-size", "3", "--bins", "4",
                                        "--params", SUBSET, "--quiet"])

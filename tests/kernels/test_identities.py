@@ -1,4 +1,4 @@
-"""The mathematical identities SPEC.md section 1 relies on, each checked independently."""
+"""The mathematical identities docs/math.md relies on, each checked independently."""
 
 import pytest
 import torch

@@ -4,7 +4,7 @@ same numbers whether a run trains in a worker process or inline."""
 import json
 import os
 
-from _train_helpers import TINY
+from train_helpers import TINY
 
 from vgs_train import demo
 

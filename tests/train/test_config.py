@@ -166,3 +166,10 @@ def test_cli_user_errors_exit_2_without_traceback(prog, tmp_path, capsys):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.startswith(f"{prog}: error: ") and msg in err and "Traceback" not in err, (argv, err)
+
+
+def test_rollout_engine_names_are_the_registry():
+    from vgs_train.config import ROLLOUT_ENGINES
+    from vgs_train.rollout import ENGINES
+
+    assert set(ROLLOUT_ENGINES) == set(ENGINES)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from _train_helpers import tiny_overrides
+from train_helpers import tiny_overrides
 
 from vgs_train.cli import eval_main, train_main
 from vgs_train.config import load_config
@@ -14,9 +14,9 @@ from vgs_train.modeling import load_model, load_processor
 from vgs_train.trainer import Trainer
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("vgs_cache"))
+@pytest.fixture
+def cache(embedded_cache):
+    return embedded_cache
 
 
 def _trainer(cache, out, *extra, resume=False):
@@ -143,17 +143,17 @@ def test_accumulation_syncs_on_the_last_micro_batch_only(cache, tmp_path, monkey
 def test_checkpoints_once_per_step_and_resume_from_older_one(cache, tmp_path, monkeypatch):
     """save_every dividing max_steps writes the last checkpoint once; resuming an older checkpoint drops the
     later log lines and the stale later checkpoint, and continues exactly."""
-    import safetensors.torch as st
+    from accelerate import Accelerator
 
     writes = []
-    orig = st.save_model
-    monkeypatch.setattr(st, "save_model", lambda m, path, **kw: writes.append(path) or orig(m, path, **kw))
+    orig = Accelerator.save_state
+    monkeypatch.setattr(Accelerator, "save_state", lambda self, out, **kw: writes.append(out) or orig(self, out, **kw))
     run = tmp_path / "run"
     full = _trainer(cache, str(run), "run.max_steps=3", "run.save_every=1", "run.keep_checkpoints=4")
     ref = full.train()
     ckpts = run / "checkpoints"
     assert sorted(os.listdir(ckpts)) == ["latest", "step_0000001", "step_0000002", "step_0000003"]
-    assert [os.path.basename(os.path.dirname(p)) for p in writes] == [f"step_000000{i}.tmp" for i in (1, 2, 3)]
+    assert [os.path.basename(p) for p in writes] == [f"step_000000{i}.tmp" for i in (1, 2, 3)]
     again = _trainer(cache, str(run), "run.max_steps=3", "run.save_every=1", "run.keep_checkpoints=2",
                      resume=str(ckpts / "step_0000001"))
     assert again.step == 1
