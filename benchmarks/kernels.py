@@ -375,7 +375,13 @@ def run(args) -> dict:
             shapes[key] = getattr(args, key)
     dtype = getattr(torch, shapes["dtype"])
     cases, skipped = select_cases(device, args)
+    with C.frozen_heap():
+        return _measure(args, device, shapes, dtype, cases, skipped)
 
+
+def _measure(args, device: torch.device, shapes: dict, dtype: torch.dtype, cases: list, skipped: dict) -> dict:
+    """The results document: per B*T, every case built once, warmed up and measured for memory, then timed
+    in interleaved rounds."""
     doc = C.header(device, args, "kernels")
     doc.update(
         shapes={"bt": shapes["bts"], "hidden_student": shapes["hs"], "hidden_teacher": shapes["ht"],
