@@ -18,7 +18,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from vgs_kernels import backends, driver, fused_linear_vgs_loss, vgs_loss
+from vgs_kernels import backends, fused_linear_vgs_loss, vgs_loss
 
 ROW_BACKENDS = [
     pytest.param(name, marks=pytest.mark.skipif(backends()[name] != "available", reason=f"{name}: {backends()[name]}"))
@@ -28,25 +28,6 @@ KW = dict(mode="vgs", alpha=2.0, beta=0.5, gamma=0.41)  # a large beta: the lang
 TOL = (1e-4, 1e-5)
 N_SEQ, T = 4, 30
 CU = torch.tensor([0, 20, 20, 55, 90, 120])  # packed rows of five sequences, one of them empty
-
-
-class _Count:
-    """Wraps driver.gated_rows: how many rows pass 2 recomputes."""
-
-    def __init__(self):
-        self.real, self.rows = driver.gated_rows, 0
-
-    def __call__(self, coef):
-        idx = self.real(coef)
-        self.rows += idx.numel()
-        return idx
-
-
-@pytest.fixture
-def pass2(monkeypatch):
-    count = _Count()
-    monkeypatch.setattr(driver, "gated_rows", count)
-    return count
 
 
 def _hidden(seed, hs=12, ht=16, v=50):

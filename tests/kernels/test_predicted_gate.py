@@ -6,7 +6,7 @@ import pytest
 import torch
 from helpers import assert_close, row_cases
 
-from vgs_kernels import driver, fused_linear_vgs_loss
+from vgs_kernels import fused_linear_vgs_loss
 
 CASES = row_cases(cpu=("torch", "cpu"))
 
@@ -32,26 +32,12 @@ def _run(backend, tensors, device="cpu", **kw):
     return out, [hs.grad, hsp.grad, ws.grad]
 
 
-class _Count:
-    """Wraps driver.gated_rows: the rows pass 2 recomputes."""
-
-    def __init__(self):
-        self.real, self.rows = driver.gated_rows, 0
-
-    def __call__(self, coef):
-        idx = self.real(coef)
-        self.rows += idx.numel()
-        return idx
-
-
 @pytest.mark.parametrize("device,backend", CASES)
 @pytest.mark.parametrize("ascending", [True, False])
-def test_mispredicted_rows_are_corrected_exactly(monkeypatch, device, backend, ascending):
+def test_mispredicted_rows_are_corrected_exactly(pass2, device, backend, ascending):
     tensors = _inputs(4, 40, 60, 12, 16, seed=1, ascending_vds=ascending)
     kw = dict(mode="vgs", gamma=0.41, beta=0.5, chunk_size=16)  # a large beta: the language term shows
     ref, ref_grads = _run("reference", tensors, **kw)
-    count = _Count()
-    monkeypatch.setattr(driver, "gated_rows", count)
     got, grads = _run(backend, tensors, device, **kw)
     assert_close(got.loss.detach(), ref.loss.detach(), 1e-5, 1e-6, "loss")
     assert torch.equal(got.per_token["gate"].cpu(), ref.per_token["gate"])
@@ -59,23 +45,19 @@ def test_mispredicted_rows_are_corrected_exactly(monkeypatch, device, backend, a
         assert_close(g, r, 1e-4, 1e-5, name)
     n, gated = 160, int(ref.per_token["gate"].sum())
     if ascending:  # the prediction was badly off: corrections in both directions happened
-        assert count.rows > 0.2 * n
-    assert count.rows < gated + n  # never more than recomputing everything once
+        assert pass2.rows > 0.2 * n
+    assert pass2.rows < gated + n  # never more than recomputing everything once
 
 
-def test_fixed_threshold_needs_no_correction(monkeypatch):
+def test_fixed_threshold_needs_no_correction(pass2):
     tensors = _inputs(2, 30, 40, 8, 10, seed=2, ascending_vds=True)
-    count = _Count()
-    monkeypatch.setattr(driver, "gated_rows", count)
     out, _ = _run("torch", tensors, mode="vgs", threshold=0.3, chunk_size=8)
-    assert out.metrics["gate_fraction"] > 0 and count.rows == 0
+    assert out.metrics["gate_fraction"] > 0 and pass2.rows == 0
 
 
-def test_iid_rows_need_few_corrections(monkeypatch):
+def test_iid_rows_need_few_corrections(pass2):
     """4096 rows in chunks of 512 with the default quantile: only rows near the threshold move."""
     tensors = _inputs(8, 512, 64, 16, 16, seed=3, ascending_vds=False)
-    count = _Count()
-    monkeypatch.setattr(driver, "gated_rows", count)
     out, _ = _run("torch", tensors, mode="vgs", chunk_size=512)
     assert out.metrics["gate_fraction"] == pytest.approx(0.3, abs=0.01)
-    assert count.rows < 0.05 * 4096, count.rows
+    assert pass2.rows < 0.05 * 4096, pass2.rows
