@@ -100,15 +100,16 @@ def test_fused_chunking_does_not_change_the_result(mode):
             assert_close(g, g0, 1e-5, 1e-6, "grad")
 
 
+@pytest.mark.parametrize("device,backend", ROW_CASES)
 @pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize("mode", MODES)
-def test_detach_target_prior_and_fixed_threshold(mode, detach):
+def test_detach_target_prior_and_fixed_threshold(mode, detach, device, backend):
     logits = random_logits(2, 8, 40, seed=5)
     mask = ragged_mask(2, 8)
     thr = (0.1, 0.5) if mode == "adaptive" else 0.3
     kw = dict(mode=mode, detach_target_prior=detach, threshold=thr, gamma=0.41, alpha=1.5, beta=0.2)
     ref, ref_gs, ref_gsp = run_logits("reference", logits, mask, **kw)
-    got, gs, gsp = run_logits("torch", logits, mask, **kw)
+    got, gs, gsp = run_logits(backend, [z.to(device) for z in logits], mask.to(device), **kw)
     assert_close(got.loss.detach(), ref.loss.detach(), 1e-5, 1e-6, "loss")
     assert_close(gs, ref_gs, 1e-5, 1e-6, "grad student_logits")
     assert_close(gsp, ref_gsp, 1e-5, 1e-6, "grad student_text_logits")
