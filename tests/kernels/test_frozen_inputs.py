@@ -1,5 +1,5 @@
 """Frozen student inputs (requires_grad=False) on every row backend: the trainable ones still get
-the reference gradient, the frozen ones get none (and, see tests/test_memory.py, cost no work)."""
+the reference gradient, the frozen ones get none (and, see tests/kernels/test_memory.py, cost no work)."""
 
 import itertools
 

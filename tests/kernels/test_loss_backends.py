@@ -10,7 +10,7 @@ from helpers import MODES, TOL, assert_close, ragged_mask, random_logits, row_ca
 from vgs_kernels import fused_linear_vgs_loss, vgs_loss
 
 # Every row backend that runs at full speed, per device: torch and cpu on CPU tensors (triton runs
-# in its interpreter there: tests/test_triton.py covers it on smaller shapes); torch, triton
+# in its interpreter there: tests/kernels/test_triton.py covers it on smaller shapes); torch, triton
 # (compiled) and cuda on CUDA tensors when a GPU is present.
 ROW_CASES = row_cases()
 

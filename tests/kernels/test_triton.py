@@ -4,7 +4,7 @@
 decides at decoration time whether a kernel is interpreted. Shapes stay tiny: the interpreter runs
 every program in Python.
 
-On a GPU machine, ``VGS_TRITON_TEST_DEVICE=cuda pytest tests/test_triton.py`` runs the same tests
+On a GPU machine, ``VGS_TRITON_TEST_DEVICE=cuda pytest tests/kernels/test_triton.py`` runs the same tests
 with the compiled kernels on CUDA tensors (inputs are made on the CPU and moved).
 """
 
