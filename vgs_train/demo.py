@@ -54,6 +54,7 @@ def distill_gap(student, teacher, processor, rows, loss_kwargs: dict, *, batch_s
                 max_new_tokens: int = 40, seed: int = 0) -> dict:
     """Mean std / vis / lang KL and the teacher's VDS of ``student`` against ``teacher`` per response token
     of the student's own samples (T = 1) to ``rows``, and the prior gap (``vgs_train.health.prior_gap``)."""
+    from .health import prior_gap_terms
     from .modeling import lm_head_rows
     from .pipeline import Pipeline
     from .rollout import HFRolloutEngine
@@ -74,9 +75,9 @@ def distill_gap(student, teacher, processor, rows, loss_kwargs: dict, *, batch_s
             for k in sums:
                 sums[k] += out.metrics[k] * n
             count += n
-            low = views.mask & (out.per_token["gate"] == 0)
-            gap_sum += float(out.per_token["lang"][low].sum())
-            gap_n += int(low.sum())
+            total, n_low = prior_gap_terms(out.per_token, views.mask)
+            gap_sum += float(total)
+            gap_n += n_low
     res = {k: v / max(count, 1) for k, v in sums.items()}
     res["prior_gap"] = gap_sum / gap_n if gap_n else float("nan")
     return res

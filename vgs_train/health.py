@@ -36,12 +36,18 @@ def truncated_fraction(completion: torch.Tensor, eos_ids: list[int]) -> float:
     return float((~has_eos).float().mean()) if completion.shape[0] else 0.0
 
 
-def prior_gap(per_token: dict, mask: torch.Tensor) -> float:
-    """Mean KL(p' || q') over the valid tokens outside the gate (VDS at or below the threshold);
-    NaN when there are none. ``per_token``: the loss's ``return_per_token`` output ([B, T] each)."""
+def prior_gap_terms(per_token: dict, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(sum of KL(p' || q'), number of tokens) over the valid tokens outside the gate (VDS at or below the
+    threshold): the prior gap's numerator and denominator, for a mean over several batches.
+    ``per_token``: the loss's ``return_per_token`` output ([B, T] each)."""
     low = mask.bool() & (per_token["gate"] == 0)
-    n = int(low.sum())
-    return float(per_token["lang"][low].sum() / n) if n else float("nan")
+    return per_token["lang"][low].sum(), int(low.sum())
+
+
+def prior_gap(per_token: dict, mask: torch.Tensor) -> float:
+    """Mean KL(p' || q') over the valid tokens outside the gate; NaN when there are none."""
+    total, n = prior_gap_terms(per_token, mask)
+    return float(total / n) if n else float("nan")
 
 
 @dataclass
