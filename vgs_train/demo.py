@@ -190,9 +190,7 @@ def run_jobs(jobs: list[dict], workers: int, total_steps: int) -> list[dict]:
         if workers <= 1:
             class Inline:
                 def put(self, item):
-                    bar.update(1)
-                    for w in item[1]:
-                        bar.write(w)
+                    _show_step(bar, item[1])
 
             return [train_run({**j, "queue": Inline()}) for j in jobs]
         import multiprocessing as mp
@@ -216,12 +214,17 @@ def _drain(queue, bar, timeout: float) -> None:
     try:
         while True:
             _, warnings = queue.get(timeout=timeout)
-            bar.update(1)
-            for w in warnings:
-                bar.write(w)
+            _show_step(bar, warnings)
             timeout = 0
     except queue_mod.Empty:
         pass
+
+
+def _show_step(bar, warnings: list[str]) -> None:
+    """One finished training step of some run: advance the bar, print the run's new health warnings."""
+    bar.update(1)
+    for w in warnings:
+        bar.write(w)
 
 
 # ---------------------------------------------------------------------------- results, table, README
