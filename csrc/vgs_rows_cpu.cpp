@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -66,6 +67,16 @@ using RowsFn = void (*)(const RowsArgs&, int64_t, int64_t);
 
 namespace vgs {
 
+// The lower of two requests: "base" < "avx2" < "avx512" (anything else asks for nothing lower).
+static int isa_cap(const char* env, int best) {
+  if (env == nullptr) return best;
+  std::string want = env;
+  for (auto& ch : want) ch = char(std::tolower(static_cast<unsigned char>(ch)));
+  if (want == "base" || want == "default") return 0;
+  if (want.rfind("avx2", 0) == 0) return std::min(best, 1);
+  return best;
+}
+
 static const char* cpu_isa() {
 #ifdef VGS_MULTI_ISA
   static const char* isa = []() -> const char* {
@@ -75,12 +86,11 @@ static const char* cpu_isa() {
     if (best == 1 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
       best = 2;
-    // VGS_CPU_ISA=base|avx2 picks a lower kernel (for comparisons); never a higher one than the CPU has.
-    if (const char* env = std::getenv("VGS_CPU_ISA")) {
-      const std::string want = env;
-      if (want == "base") best = 0;
-      else if (want == "avx2" && best > 1) best = 1;
-    }
+    // ATEN_CPU_CAPABILITY (default | avx2 | avx512) caps it like ATen's own kernels, so that one variable
+    // emulates a CPU with a smaller instruction set for the whole process; VGS_CPU_ISA (base | avx2) caps
+    // this kernel alone (for comparisons). Never a higher one than the CPU has.
+    best = isa_cap(std::getenv("ATEN_CPU_CAPABILITY"), best);
+    best = isa_cap(std::getenv("VGS_CPU_ISA"), best);
     static const char* names[3] = {"base", "avx2", "avx512"};
     return names[best];
   }();

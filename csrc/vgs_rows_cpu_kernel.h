@@ -8,6 +8,8 @@
 //      five streams s, sp, t, tp and the target r = sp + t - tp, plus the four sums that give the
 //      KLs, A_ab = sum_j e_a (y_a - y_b) with y = x - m, for (a, b) = (s, t), (s, r), (sp, tp), (t, tp):
 //      KL(a || b) = A_ab / S_a - (log S_a - log S_b), exact 0 for identical rows.
+//      When the text-only pair is the image pair itself (same pointers: standard mode without the text
+//      view, the language term alone) only s, t and r are computed and sp, tp copied from them.
 //   2. (only when gradients are requested) log-probabilities from the five (max, log-sum) pairs and
 //      the gradients written straight into the output rows, each block after its loads (an output
 //      row may be the logits row itself); padding columns [vocab, V) get gradient 0.
@@ -114,6 +116,13 @@ static void rows(const RowsArgs& a, int64_t begin, int64_t end) {
   const acc_t inv_tau = acc_t(1.0 / a.temperature);
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
 
+  // The text-only pair passed as the image pair itself (standard mode without the text view, the language
+  // term alone in the driver's correction pass): s = sp and t = tp, so only s, t and r are computed.
+  const bool two = a.z[0] == a.z[1] && a.z_stride[0] == a.z_stride[1] && a.z[2] == a.z[3] &&
+                   a.z_stride[2] == a.z_stride[3];
+  const acc_t* sp_blk = two ? xs : xsp;  // where the sp / tp logits of a block are (aliases in `two`)
+  const acc_t* tp_blk = two ? xt : xtp;
+
   for (int64_t row = begin; row < end; ++row) {
     const in_t* z[4];
     for (int k = 0; k < 4; ++k) z[k] = static_cast<const in_t*>(a.z[k]) + row * a.z_stride[k];
@@ -125,14 +134,16 @@ static void rows(const RowsArgs& a, int64_t begin, int64_t end) {
     for (int64_t j0 = 0; j0 < V; j0 += kBlock) {
       const int64_t n = std::min(kBlock, V - j0);
       load_block(z[0] + j0, xs, n, inv_tau);
-      load_block(z[1] + j0, xsp, n, inv_tau);
       load_block(z[2] + j0, xt, n, inv_tau);
-      load_block(z[3] + j0, xtp, n, inv_tau);
-      target_block(xsp, xt, xtp, xr, n);
+      if (!two) {
+        load_block(z[1] + j0, xsp, n, inv_tau);
+        load_block(z[3] + j0, xtp, n, inv_tau);
+      }
+      target_block(sp_blk, xt, tp_blk, xr, n);
       // New running maxima; the sums are relative to them, so rescale (and shift the A's).
       double d[5];
       for (int k = 0; k < 5; ++k) {
-        const acc_t bm = block_max(buf[k], n);
+        const acc_t bm = two && (k == 1 || k == 3) ? m[k - 1] : block_max(buf[k], n);
         const acc_t mn = bm > m[k] ? bm : m[k];
         d[k] = j0 == 0 ? 0.0 : double(mn) - double(m[k]);
         m[k] = mn;
@@ -157,22 +168,28 @@ static void rows(const RowsArgs& a, int64_t begin, int64_t end) {
         a0 += e * (ys - (xt[j] - m2));
         a1 += e * (ys - (xr[j] - m4));
       }
-#pragma omp simd reduction(+ : s1, a2)
-      for (int64_t j = 0; j < n; ++j) {
-        const acc_t ysp = xsp[j] - m1;
-        const acc_t e = fexp(ysp);
-        s1 += e;
-        a2 += e * (ysp - (xtp[j] - m3));
-      }
 #pragma omp simd reduction(+ : s2, a3)
       for (int64_t j = 0; j < n; ++j) {
         const acc_t yt = xt[j] - m2;
         const acc_t e = fexp(yt);
         s2 += e;
-        a3 += e * (yt - (xtp[j] - m3));
+        a3 += e * (yt - (tp_blk[j] - m3));
       }
+      if (two) {  // sp = s and tp = t: the same sums, computed once
+        s1 = s0;
+        a2 = a0;
+        s3 = s2;
+      } else {
+#pragma omp simd reduction(+ : s1, a2)
+        for (int64_t j = 0; j < n; ++j) {
+          const acc_t ysp = xsp[j] - m1;
+          const acc_t e = fexp(ysp);
+          s1 += e;
+          a2 += e * (ysp - (xtp[j] - m3));
+        }
 #pragma omp simd reduction(+ : s3)
-      for (int64_t j = 0; j < n; ++j) s3 += fexp(xtp[j] - m3);
+        for (int64_t j = 0; j < n; ++j) s3 += fexp(xtp[j] - m3);
+      }
 #pragma omp simd reduction(+ : s4)
       for (int64_t j = 0; j < n; ++j) s4 += fexp(xr[j] - m4);
       S[0] += s0;
