@@ -21,8 +21,10 @@ pass 2 recomputes the gated rows (their gated terms touch all four streams).
 Memory per chunk of ``c`` rows (``LinearSource``): one [c, W] logits buffer per stream in the
 hidden states' dtype, reused from chunk to chunk; the row kernel writes each logit gradient in
 place into its stream's buffer (in that dtype), so a chunk holds no gradient buffer and no fp32
-copy of the logits (the predicted rows' text-stream gradients are gathered, at most one more
-[c, W]). The GEMMs run on the full rows of the lm_head weights (W = their row count, e.g. 151936
+copy of the logits. The image stream's buffer has room for c / 2 more rows: the text stream's
+gradient rows of the chunk, when they fit (the ~30 % predicted-gated ones of pass 1), are stacked
+there, so that one GEMM per chunk accumulates the weight gradient of both streams ([g_s; g_sp]^T [h_s; h_sp]: the fp32 [V, H]
+accumulator is read and written once per chunk, not twice). The GEMMs run on the full rows of the lm_head weights (W = their row count, e.g. 151936
 for Qwen), the row kernels mask the ids [vocab_size, W). The weight gradient is accumulated in
 place into one fp32 [V, H] buffer (never a weight-sized temporary per chunk). fp16 gradients are
 scaled by a power of two before they are rounded (the per-row coefficients, ~1/N, would make them
@@ -47,6 +49,20 @@ STREAMS = ("s", "sp", "t", "tp")
 Rows = slice | torch.Tensor  # a contiguous range of rows, or sorted unique row indices [n] (long)
 
 
+@dataclass
+class GradPart:
+    """Logit gradients of one student stream for some rows: ``grad`` [n, width], or its rows
+    ``select`` ([k] long) when given, belong to the source's rows ``rows`` (n or k of them)."""
+
+    rows: Rows
+    stream: str
+    grad: torch.Tensor
+    select: torch.Tensor | None = None
+
+    def gradient(self) -> torch.Tensor:
+        return self.grad if self.select is None else self.grad.index_select(0, self.select)
+
+
 class RowSource(Protocol):
     """Where the driver reads logit rows from and sends their gradients to.
 
@@ -67,9 +83,11 @@ class RowSource(Protocol):
         """The [n, width] tensor the row kernel writes dL/dlogits of ``stream`` into, given that
         stream's ``logits`` from the current chunk: ``logits`` itself (in place) or a new tensor."""
 
-    def backward(self, rows: Rows, stream: str, grad: torch.Tensor, scale: float) -> None:
-        """Accumulate ``grad / scale`` (``grad``: a ``grad_buffer`` holding dL/dlogits times the
-        power of two ``scale``) of student stream 's' or 'sp' (one of ``wants``) for ``rows``."""
+    def backward(self, parts: list[GradPart], scale: float) -> None:
+        """Accumulate ``grad / scale`` of each part (``grad``: a ``grad_buffer`` holding dL/dlogits
+        times the power of two ``scale``, or its rows ``select`` when given) into student stream 's'
+        or 'sp' (one of ``wants``) for ``rows``. The parts of one call belong to one chunk: a source
+        may run them as one GEMM."""
 
     def release(self) -> None:
         """Free per-chunk work buffers (called when the driver is done)."""
@@ -213,10 +231,9 @@ def run_vgs(
                 zs, zsp, zt, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
                 detach_target_prior=opts.detach_target_prior, grad_zs=g_s, grad_zsp=g_sp, vocab=source.vocab,
             )
-            if g_s is not None:
-                source.backward(rows, "s", g_s, scale)
+            parts = [GradPart(rows, "s", g_s)] if g_s is not None else []
             if want_sp:
-                source.backward(rows, "sp", g_sp, scale)
+                parts.append(GradPart(rows, "sp", g_sp))
             elif predict:
                 if gate is None:
                     pick = predicted_rows(stats[a:b, 3], _running_threshold(stats[:b, 3], opts))
@@ -225,7 +242,9 @@ def run_vgs(
                 predicted[a + pick] = 1.0
                 if pick.numel():
                     picked = (torch.arange(a, b, device=device) if all_rows else rows).index_select(0, pick)
-                    source.backward(picked, "sp", g_sp.index_select(0, pick), scale)
+                    parts.append(GradPart(picked, "sp", g_sp, pick))
+            if parts:
+                source.backward(parts, scale)
             del zs, zsp, zt, ztp, g_s, g_sp
 
         gate, ramp, theta = gate_and_ramp(stats[:, 3], opts, gate)
@@ -285,7 +304,7 @@ def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size) -> None:
             scale = grad_scale(c, g.dtype)
             rows_fn(zsp, zsp, ztp, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
                     detach_target_prior=True, grad_zs=g, grad_zsp=None, vocab=source.vocab)
-            source.backward(idx, "sp", g, scale)
+            source.backward([GradPart(idx, "sp", g)], scale)
             continue
         needs_sp = want_sp and (bool((coef2[a:b, 2] != 0).any()) or not opts.detach_target_prior)
         if not (want_s or needs_sp):
@@ -297,10 +316,7 @@ def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size) -> None:
         scale = grad_scale(c, (g_s if g_s is not None else g_sp).dtype)
         rows_fn(zs, zsp, zt, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
                 detach_target_prior=opts.detach_target_prior, grad_zs=g_s, grad_zsp=g_sp, vocab=source.vocab)
-        if g_s is not None:
-            source.backward(idx, "s", g_s, scale)
-        if g_sp is not None:
-            source.backward(idx, "sp", g_sp, scale)
+        source.backward([GradPart(idx, k, g) for k, g in (("s", g_s), ("sp", g_sp)) if g is not None], scale)
 
 
 def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -332,15 +348,16 @@ class LogitsSource:
     def grad_buffer(self, stream, logits):
         return torch.empty(logits.shape, device=logits.device, dtype=logits.dtype)
 
-    def backward(self, rows, stream, grad, scale):
-        if stream not in self.grads:
-            self.grads[stream] = torch.zeros_like(self.full[stream])
-        buf = self.grads[stream][:, : self.width]
-        grad = grad.to(buf.dtype)
-        if isinstance(rows, slice):
-            buf[rows].add_(grad, alpha=1.0 / scale)
-        else:
-            buf.index_add_(0, rows, grad, alpha=1.0 / scale)
+    def backward(self, parts, scale):
+        for part in parts:
+            if part.stream not in self.grads:
+                self.grads[part.stream] = torch.zeros_like(self.full[part.stream])
+            buf = self.grads[part.stream][:, : self.width]
+            grad = part.gradient().to(buf.dtype)
+            if isinstance(part.rows, slice):
+                buf[part.rows].add_(grad, alpha=1.0 / scale)
+            else:
+                buf.index_add_(0, part.rows, grad, alpha=1.0 / scale)
 
     def release(self):
         pass
@@ -384,12 +401,19 @@ class LinearSource:
         self.grad_weight = torch.zeros(ws.shape, device=ws.device) if need_w else None
         self.grad_bias = torch.zeros(bs.shape, device=bs.device) if need_b else None
         self._work: dict[str, torch.Tensor] = {}  # stream -> [capacity, width] logits buffer
+        self._current: dict[str, torch.Tensor] = {}  # stream -> the current chunk's view of it
+        # both student streams get gradients: their weight-gradient GEMMs are stacked (see backward)
+        self.combine = {"s", "sp"} <= self.wants and (need_w or need_b)
 
     def _buffer(self, stream: str, n: int, like: torch.Tensor) -> torch.Tensor:
         buf = self._work.get(stream)
-        if buf is None or buf.shape[0] < n:
+        # the image stream's buffer has room for half a chunk of rows below the first: the text
+        # stream's gradient rows of the chunk go there when they fit (the ~30 % predicted-gated rows
+        # of pass 1), so that both streams' weight gradient is one GEMM
+        rows = n + self.spare_rows(n) if stream == "s" and self.combine else n
+        if buf is None or buf.shape[0] < rows:
             self._work.pop(stream, None)  # free the smaller buffer first
-            buf = self._work[stream] = torch.empty(n, self.width, device=like.device, dtype=like.dtype)
+            buf = self._work[stream] = torch.empty(rows, self.width, device=like.device, dtype=like.dtype)
         return buf[:n]
 
     def logits(self, rows, streams):
@@ -405,30 +429,70 @@ class LinearSource:
                 else:
                     torch.addmm(b, h, w.t(), out=buf)
                 out[src] = buf
+        self._current = out
         return [out[self.alias.get(k, k)] for k in streams]
 
     def grad_buffer(self, stream, logits):
         return logits
 
-    def backward(self, rows, stream, grad, scale):
-        h = self.hidden[stream]
-        w = self.weight[stream]
+    def backward(self, parts, scale):
+        """One GEMM per gradient for the parts of a chunk: an image-stream part that is the head of the
+        image buffer and a text-stream part that fits the buffer's spare rows are stacked there
+        ([g_s; g_sp] against [h_s; h_sp]: the fp32 weight gradient is read and written once per chunk,
+        not twice); otherwise one GEMM per part."""
         alpha = 1.0 / scale
-        if self.need_hidden[stream]:
-            if stream not in self.grad_hidden:
-                self.grad_hidden[stream] = torch.zeros(h.shape, device=h.device)
-            gh = self.grad_hidden[stream]
-            if isinstance(rows, slice):
-                gh[rows].add_(mm_fp32(grad, w), alpha=alpha)
+        if len(parts) == 2 and self._stackable(parts):
+            first, second = parts
+            n0 = first.grad.shape[0]
+            n1 = second.grad.shape[0] if second.select is None else second.select.numel()
+            stacked = self._work["s"][: n0 + n1]
+            if second.select is None:
+                stacked[n0:].copy_(second.grad)
             else:
-                gh.index_add_(0, rows, mm_fp32(grad, w), alpha=alpha)
+                torch.index_select(second.grad, 0, second.select, out=stacked[n0:])
+            hidden = torch.cat([_take(self.hidden["s"], first.rows), _take(self.hidden["sp"], second.rows)])
+            self._accumulate(stacked, hidden, [(first, 0, n0), (second, n0, n0 + n1)], alpha)
+            return
+        for part in parts:
+            g = part.gradient()
+            self._accumulate(g, _take(self.hidden[part.stream], part.rows), [(part, 0, g.shape[0])], alpha)
+
+    @staticmethod
+    def spare_rows(n: int) -> int:
+        return (n + 1) // 2
+
+    def _stackable(self, parts) -> bool:
+        first, second = parts
+        buf = self._work.get("s")
+        n1 = second.grad.shape[0] if second.select is None else second.select.numel()
+        return (self.combine and first.stream == "s" and second.stream == "sp" and buf is not None
+                and first.grad is self._current.get("s") and first.grad.shape[0] + n1 <= buf.shape[0])
+
+    def _accumulate(self, grad, hidden, spans, alpha) -> None:
+        """Hidden-state, weight and bias gradients of the logit gradients ``grad`` [n, width] whose rows
+        ``spans`` [(part, begin, end)] belong to the parts' streams and rows; ``hidden`` [n, H]."""
+        w = self.weight["s"]  # both student streams share the student lm_head
+        wanted = [(p, a, b) for p, a, b in spans if self.need_hidden[p.stream]]
+        if wanted:
+            lo, hi = min(a for _, a, _ in wanted), max(b for _, _, b in wanted)
+            gh_all = mm_fp32(grad[lo:hi], w)
+            for part, a, b in wanted:
+                if part.stream not in self.grad_hidden:
+                    h = self.hidden[part.stream]
+                    self.grad_hidden[part.stream] = torch.zeros(h.shape, device=h.device)
+                gh = self.grad_hidden[part.stream]
+                if isinstance(part.rows, slice):
+                    gh[part.rows].add_(gh_all[a - lo:b - lo], alpha=alpha)
+                else:
+                    gh.index_add_(0, part.rows, gh_all[a - lo:b - lo], alpha=alpha)
         if self.grad_weight is not None:
-            accumulate_mm(self.grad_weight[: self.width], grad.t(), _take(h, rows), alpha)
+            accumulate_mm(self.grad_weight[: self.width], grad.t(), hidden, alpha)
         if self.grad_bias is not None:
             self.grad_bias[: self.width].add_(grad.sum(0, dtype=torch.float32), alpha=alpha)
 
     def release(self):
         self._work.clear()
+        self._current = {}
 
 
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -537,16 +601,17 @@ def free_device_memory(device: torch.device) -> int:
 
 
 def default_chunk_size(n_rows: int, vocab: int, device: torch.device, temps: int = 0, *,
-                       dtype: torch.dtype = torch.float32, streams: int = 4) -> int:
+                       dtype: torch.dtype = torch.float32, streams: float = 4, largest: float = 1.0) -> int:
     """Rows per chunk for ``n_rows`` rows of ``vocab`` logits.
 
     A chunk row costs ``streams`` logit (or gradient) rows in ``dtype`` plus ``temps`` fp32 rows
     the row kernel allocates itself (the torch kernel's temporaries; 0 for the streaming kernels);
     as many rows as fit the budget (a quarter of free memory up to ``CUDA_CHUNK_BUDGET`` on CUDA,
-    rounded down to a multiple of ``CHUNK_ROW_MULTIPLE``; ``CPU_CHUNK_BUDGET`` on CPU), and at most
-    half the rows, so the fused path never holds the logits of the whole batch."""
+    rounded down to a multiple of ``CHUNK_ROW_MULTIPLE``; ``CPU_CHUNK_BUDGET`` on CPU), and so few
+    that the largest buffer (``largest`` logit rows per chunk row) holds at most half the rows: the
+    fused path never holds the logits of the whole batch."""
     itemsize = torch.empty((), dtype=dtype).element_size()
-    row_bytes = max(1, vocab * (streams * itemsize + 4 * temps))
+    row_bytes = max(1, math.ceil(vocab * (streams * itemsize + 4 * temps)))
     if on_gpu(device):
         budget = min(free_device_memory(device) // 4, CUDA_CHUNK_BUDGET)
     else:
@@ -554,5 +619,5 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device, temps: int
     rows = max(1, budget // row_bytes)
     if on_gpu(device) and rows >= 2 * CHUNK_ROW_MULTIPLE:
         rows -= rows % CHUNK_ROW_MULTIPLE
-    return max(1, min(rows, math.ceil(n_rows / 2)))
+    return max(1, min(rows, math.floor(math.ceil(n_rows / 2) / largest)))
 

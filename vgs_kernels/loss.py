@@ -260,11 +260,15 @@ def fused_linear_vgs_loss(
             grad_on and t is not None and t.requires_grad
             for t in (student_hidden, student_text_hidden if text else None, ws, bs)
         )
-        # the logits of a chunk span the full rows of the heads: 4 streams and the gathered gradient
-        # rows of the predicted-gated rows (mode="vgs"), 2 streams without the text view
+        # the logits of a chunk span the full rows of the heads: 4 streams, and with both student streams
+        # feeding the lm_head's gradient the image stream's half chunk of spare rows (LinearSource stacks
+        # the text stream's gradient rows there for one weight-gradient GEMM), else one more stream for the
+        # gathered gradient rows of the predicted-gated rows; 2 streams without the text view
+        stacked = text and (needs[2] or needs[3])
         chunk = chunk_size or default_chunk_size(
             valid_idx.numel(), min(ws.shape[0], wt.shape[0]), student_hidden.device, be.chunk_temps,
-            dtype=student_hidden.dtype, streams=5 if text else 2,
+            dtype=student_hidden.dtype, streams=(4.5 if stacked else 5) if text else 2,
+            largest=1.5 if stacked else 1.0,
         )
         holder: dict = {}
         loss = _LinearFunction.apply(

@@ -153,3 +153,20 @@ def test_frozen_student_logits_stream_gets_no_gradient_buffer():
     assert zs.grad is None
     assert_close(zsp.grad, ref_zsp.grad, 1e-5, 1e-6, "grad student_text_logits")
     assert len(rec.shapes((16, 50), (2, 8, 50))) == 1  # the text stream's gradient buffer only
+
+
+@pytest.mark.parametrize("gated_per_chunk", [1, 2, 4])
+def test_one_weight_gradient_gemm_per_chunk_when_the_text_rows_fit(gated_per_chunk):
+    """Pass 1 with the predicted gate (exact here: gate=) stacks the chunk's gated text-stream gradient
+    rows below the image stream's in one buffer: one weight-gradient GEMM per chunk while they fit the
+    half chunk of spare rows (chunk_size=4: 2 rows), two GEMMs per chunk when they do not."""
+    tensors = _frozen_inputs()
+    gate = torch.zeros(2, 8, dtype=torch.bool)
+    gate.view(-1).view(4, 4)[:, :gated_per_chunk] = True
+    kw = dict(mode="vgs", gate=gate)
+    ref, _ = _fused("reference", tensors, (0, 1, 2, 3), **kw)
+    got, rec = _fused("torch", tensors, (0, 1, 2, 3), record=True, **kw)
+    for g, r, name in zip(got, ref, ("student_hidden", "student_text_hidden", "student_weight", "student_bias")):
+        assert_close(g, r, 1e-5, 1e-6, f"grad {name}")
+    gemms = rec.ops.count(torch.ops.aten.addmm_.default)
+    assert gemms == (4 if gated_per_chunk <= 2 else 8), gemms
