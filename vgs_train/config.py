@@ -174,14 +174,16 @@ class EvalConfig:
 
 @dataclass
 class HealthConfig:
-    """Thresholds of the training-health signals (``vgs_train.health``): warnings, never a stop."""
+    """Thresholds of the training-health signals (``vgs_train.health``): warnings, never a stop. "Best" is the
+    best window of the run so far among those wholly after ``optim.warmup_steps``."""
 
     window: int = 10  # steps in the moving window the signals are computed on
-    acc_drop: float = 0.5  # warn when windowed rollout accuracy < (1 - acc_drop) x the first window's
+    acc_drop: float = 0.5  # warn when windowed rollout accuracy < (1 - acc_drop) x the best window's
     truncated: float = 0.25  # warn when more than this share of the window's responses hit max_new_tokens
-    #                          (and more than twice the first window's share)
-    std_rise: float = 1.5  # warn when windowed std KL > std_rise x the first window's (and 0.5 nats above it)
-    prior_gap: float = 1.0  # warn when the windowed prior gap exceeds this many nats
+    #                          (and more than twice the lowest window's share)
+    std_rise: float = 1.5  # warn when windowed std KL > std_rise x the lowest window's (and 0.5 nats above it)
+    prior_gap_rise: float = 2.0  # warn when the windowed prior gap > prior_gap_rise x the first window's ...
+    prior_gap_margin: float = 0.25  # ... and this many nats above it (methods that build the visual target only)
 
 
 @dataclass
@@ -190,6 +192,7 @@ class EmbeddedConfig:
     tiny Qwen3-VL teacher/student, prepared once and cached."""
 
     cache_dir: str = ""  # default: $VGS_TRAIN_CACHE or ~/.cache/vgs_train
+    shipped: bool = True  # use the teacher / student shipped with the package where these settings are theirs
     tokenizer_vocab: str = "task"  # task (Qwen BPE restricted to the task's tokens) | full (151,669 ids)
     n_train: int = 6000
     n_eval: int = 200
@@ -243,7 +246,8 @@ class TrainConfig:
                         ("optim.grad_accum", self.optim.grad_accum), ("optim.batch_size", self.optim.batch_size),
                         ("rollout.max_new_tokens", self.rollout.max_new_tokens),
                         ("rollout.samples_per_prompt", self.rollout.samples_per_prompt),
-                        ("eval.batch_size", self.eval.batch_size), ("eval.max_new_tokens", self.eval.max_new_tokens)):
+                        ("eval.batch_size", self.eval.batch_size), ("eval.max_new_tokens", self.eval.max_new_tokens),
+                        ("health.window", self.health.window)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name, v in (("run.save_every", self.run.save_every), ("eval.every", self.eval.every),
@@ -253,6 +257,7 @@ class TrainConfig:
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {v!r}")
         check_eval_k(self.eval.k, "eval.k")
+        self._validate_health()
         if self.eval.every > 0 and not self.data.eval:
             raise ValueError(f"eval.every={self.eval.every} evaluates during training but data.eval is empty: "
                              "set data.eval or eval.every=0")
@@ -282,6 +287,14 @@ class TrainConfig:
             if value != "tiny":
                 check_model_path(value, f"model.{key}")
         return self
+
+    def _validate_health(self) -> None:
+        h = self.health
+        for key, v, lo, hi in (("acc_drop", h.acc_drop, 0.0, 1.0), ("truncated", h.truncated, 0.0, 1.0),
+                               ("std_rise", h.std_rise, 1.0, math.inf), ("prior_gap_rise", h.prior_gap_rise, 1.0, math.inf),
+                               ("prior_gap_margin", h.prior_gap_margin, 0.0, math.inf)):
+            if not _finite(v) or not lo <= v <= hi:
+                raise ValueError(f"health.{key} must be a number in [{lo:g}, {hi:g}], got {v!r}")
 
     def _validate_grpo(self) -> None:
         g = self.grpo
@@ -360,6 +373,11 @@ class TrainConfig:
     def loss_mode(self) -> str | None:
         """The VGS loss mode (for GRPO methods: the regulariser's mode; None for pure GRPO)."""
         return ALL_METHODS[self.loss.method]
+
+    @property
+    def uses_visual_target(self) -> bool:
+        """Whether the loss builds the visual target r (every distillation mode but ``standard``)."""
+        return self.loss_mode not in (None, "standard")
 
     @property
     def is_grpo(self) -> bool:

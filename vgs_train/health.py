@@ -6,9 +6,9 @@ distribution itself, so a student whose text-only prior disagrees with the teach
 disagreement to r (weighted by alpha) at every such token. ``prior_gap`` measures it: the mean language
 divergence KL(p' || q') over the valid tokens the gate leaves out (VDS at or below the threshold).
 
-A collapsing run shows up in its rollouts before any evaluation: accuracy far under where it started,
-responses that stop only at ``rollout.max_new_tokens``, and the standard divergence to the teacher rising.
-:class:`HealthMonitor` watches a moving window of those and warns once per signal.
+A collapsing run shows up in its rollouts before any evaluation: accuracy far under the best it reached,
+responses that stop only at ``rollout.max_new_tokens``, and the standard divergence to the teacher rising from
+its lowest. :class:`HealthMonitor` watches a moving window of those and warns once per signal.
 """
 
 from __future__ import annotations
@@ -24,16 +24,21 @@ SIGNALS = {
     "acc_drop": "rollout accuracy fell far under its start",
     "truncated": "many responses hit rollout.max_new_tokens (no end token)",
     "std_rise": "the standard divergence KL(p||q) to the teacher is rising",
-    "prior_gap": "the student's text-only prior is far from the teacher's on low-VDS tokens",
+    "prior_gap": "the student's text-only prior moved away from the teacher's on low-VDS tokens",
 }
+
+
+def truncated_rows(completion: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """[B] bool: which completions [B, T] contain none of ``eos_ids`` (cut at max_new_tokens)."""
+    has_eos = torch.zeros(completion.shape[0], dtype=torch.bool, device=completion.device)
+    for e in eos_ids:
+        has_eos |= (completion == e).any(dim=1)
+    return ~has_eos
 
 
 def truncated_fraction(completion: torch.Tensor, eos_ids: list[int]) -> float:
     """Share of the completions [B, T] that contain none of ``eos_ids`` (cut at max_new_tokens)."""
-    has_eos = torch.zeros(completion.shape[0], dtype=torch.bool, device=completion.device)
-    for e in eos_ids:
-        has_eos |= (completion == e).any(dim=1)
-    return float((~has_eos).float().mean()) if completion.shape[0] else 0.0
+    return float(truncated_rows(completion, eos_ids).float().mean()) if completion.shape[0] else 0.0
 
 
 def prior_gap_terms(per_token: dict, mask: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -52,25 +57,45 @@ def prior_gap(per_token: dict, mask: torch.Tensor) -> float:
 
 @dataclass
 class HealthMonitor:
-    """Feed it each step's metrics (:meth:`update`); it keeps the first window as the baseline, flags the
-    signals that hold on the current window and returns the warnings raised for the first time."""
+    """Feed it each step's metrics (:meth:`update`); it flags the signals that hold on the current window and
+    returns the warnings raised for the first time.
+
+    The collapse signals compare the current window with the run's best so far: the highest windowed rollout
+    accuracy, the lowest windowed share of truncated responses and the lowest windowed std KL, over the windows
+    that lie wholly after the learning-rate warm-up (``warmup_steps``; a run climbs during it, and a baseline
+    taken there makes any later rise look like a fall). A run that climbs and then falls back is caught; a run
+    that keeps improving never is. The prior gap is watched only where the loss builds the visual target r
+    (``watch_prior_gap``: not OPD, not pure GRPO) and against the run's first window, since what is large
+    depends on the vocabulary and the task."""
 
     cfg: HealthConfig = field(default_factory=HealthConfig)
-    baseline: dict = field(default_factory=dict)
+    warmup_steps: int = 0
+    watch_prior_gap: bool = True
+    best: dict = field(default_factory=dict)  # best window means after the warm-up (max acc, min trunc / std)
+    initial: dict = field(default_factory=dict)  # the first full window's means
     warned: set = field(default_factory=set)
     recent: deque = field(default_factory=deque)
+    steps: int = 0
 
     KEYS = ("rollout_acc", "truncated", "std", "prior_gap")
+    BEST = {"rollout_acc": max, "truncated": min, "std": min}
 
     def update(self, metrics: dict) -> tuple[dict, list[str]]:
         """-> (flags {signal: bool} on the current window, warnings raised now for the first time)."""
+        self.steps += 1
         self.recent.append({k: metrics.get(k, float("nan")) for k in self.KEYS})
         while len(self.recent) > self.cfg.window:
             self.recent.popleft()
         now = self.window_means()
-        if not self.baseline and len(self.recent) == self.cfg.window:
-            self.baseline = dict(now)
-        flags = self.flags(now)
+        full = len(self.recent) == self.cfg.window
+        if full and not self.initial:
+            self.initial = dict(now)
+        flags = self.flags(now) if full else dict.fromkeys(SIGNALS, False)
+        # the best so far is updated after the flags: the current window is judged against the earlier ones
+        if full and self.steps - self.cfg.window >= self.warmup_steps:
+            for k, pick in self.BEST.items():
+                if now[k] == now[k]:
+                    self.best[k] = pick(self.best.get(k, now[k]), now[k])
         new = [k for k, on in flags.items() if on and k not in self.warned]
         self.warned.update(new)
         return flags, [self.message(k, now) for k in new]
@@ -83,32 +108,40 @@ class HealthMonitor:
         return out
 
     def flags(self, now: dict) -> dict:
-        c, b = self.cfg, self.baseline
-        full = len(self.recent) == c.window
+        """The signals on a full window ``now`` (NaN never flags: every comparison with NaN is False)."""
+        c, b, first = self.cfg, self.best, self.initial
         flags = dict.fromkeys(SIGNALS, False)
-        flags["truncated"] = full and now["truncated"] > c.truncated and not (b and now["truncated"] <= 2 * b["truncated"])
-        flags["prior_gap"] = full and now["prior_gap"] > c.prior_gap
-        if b:
+        if "rollout_acc" in b:
             flags["acc_drop"] = b["rollout_acc"] > 0.05 and now["rollout_acc"] < (1 - c.acc_drop) * b["rollout_acc"]
+        low_trunc = b.get("truncated", first["truncated"])
+        flags["truncated"] = now["truncated"] > max(c.truncated, 2 * low_trunc)
+        if "std" in b:
             flags["std_rise"] = now["std"] > max(c.std_rise * b["std"], b["std"] + 0.5)
+        if self.watch_prior_gap:
+            g0 = first["prior_gap"]
+            flags["prior_gap"] = now["prior_gap"] > max(c.prior_gap_rise * g0, g0 + c.prior_gap_margin)
         return flags
 
     def message(self, key: str, now: dict) -> str:
-        b = self.baseline
+        b, first, w = self.best, self.initial, self.cfg.window
         detail = {
-            "acc_drop": lambda: f"rollout accuracy {now['rollout_acc']:.2f} (first {self.cfg.window} steps: "
-                                f"{b['rollout_acc']:.2f})",
+            "acc_drop": lambda: f"rollout accuracy {now['rollout_acc']:.2f} (best {w}-step window after the "
+                                f"warm-up: {b['rollout_acc']:.2f})",
             "truncated": lambda: f"{now['truncated']:.0%} of responses truncated",
-            "std_rise": lambda: f"std KL {now['std']:.3f} (first {self.cfg.window} steps: {b['std']:.3f})",
-            "prior_gap": lambda: f"prior gap {now['prior_gap']:.2f} nats > {self.cfg.prior_gap}: the visual target "
-                                 "r inherits it; warm the student up on the text-only view or lower loss.alpha",
+            "std_rise": lambda: f"std KL {now['std']:.3f} (lowest {w}-step window after the warm-up: {b['std']:.3f})",
+            "prior_gap": lambda: f"prior gap {now['prior_gap']:.2f} nats (first {w} steps: {first['prior_gap']:.2f}): "
+                                 "the visual target r inherits it; warm the student up on the text-only view or "
+                                 "lower loss.alpha",
         }[key]()
         return f"health warning ({key}): {SIGNALS[key]}: {detail} over the last {len(self.recent)} steps"
 
     def state_dict(self) -> dict:
-        return {"baseline": dict(self.baseline), "warned": sorted(self.warned), "recent": list(self.recent)}
+        return {"best": dict(self.best), "initial": dict(self.initial), "warned": sorted(self.warned),
+                "recent": list(self.recent), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
-        self.baseline = dict(state["baseline"])
+        self.best = dict(state["best"])
+        self.initial = dict(state["initial"])
         self.warned = set(state["warned"])
         self.recent = deque(state["recent"])
+        self.steps = int(state["steps"])

@@ -91,7 +91,8 @@ class Trainer:
         self.micro_step = (GRPOStep(self.pipe, cfg, scale=self._loss_scale, gamma_fn=gamma_fn) if cfg.is_grpo else
                            DistillStep(self.pipe, cfg, scale=self._loss_scale, in_forward=self._in_forward,
                                        gamma_fn=gamma_fn))
-        self.health = HealthMonitor(cfg.health)
+        self.health = HealthMonitor(cfg.health, warmup_steps=cfg.optim.warmup_steps,
+                                    watch_prior_gap=cfg.uses_visual_target)
         self.progress = Progress()
         self.checkpoints = Checkpoints(self.accelerator, os.path.join(self.run_dir, "checkpoints"),
                                        cfg.run.keep_checkpoints)

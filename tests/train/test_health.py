@@ -27,23 +27,38 @@ def _batch(degenerate_prior: bool, seed: int = 0):
 
 
 @pytest.mark.parametrize("degenerate", [False, True])
-def test_prior_gap_warns_on_a_degenerate_text_only_prior_only(degenerate):
+def test_prior_gap_warns_when_the_text_only_prior_degenerates_only(degenerate):
+    healthy = prior_gap(*_per_token(False))
+    gap = prior_gap(*_per_token(degenerate))
     zs, zsp, zt, ztp, mask = _batch(degenerate)
     out = vgs_loss(zs, zsp, zt, ztp, mask, return_per_token=True, backend="torch")
-    gap = prior_gap(out.per_token, mask)
     low = mask & (out.per_token["gate"] == 0)
     # the gap is the mean language KL over the gated-out (low-VDS) tokens, computed independently here
     ref = torch.nn.functional.kl_div(torch.log_softmax(ztp, -1), torch.log_softmax(zsp, -1), log_target=True,
                                      reduction="none").sum(-1)
     assert gap == pytest.approx(float(ref[low].mean()), rel=1e-4)
+    assert (gap > 5.0) if degenerate else (gap < 0.05)
+    # a run that starts with a healthy prior and ends with this one: the gap is judged against the run's start
     monitor = HealthMonitor(HealthConfig(window=3))
-    raised = []
-    for _ in range(3):
-        flags, warnings = monitor.update({"rollout_acc": 0.5, "truncated": 0.0, "std": 0.1, "prior_gap": gap})
-        raised += warnings
+    flags, raised = _run(monitor, [_m(gap=healthy)] * 3 + [_m(gap=gap)] * 3)
     assert flags["prior_gap"] is degenerate
     assert (len(raised) == 1 and "prior_gap" in raised[0]) if degenerate else raised == []
-    assert (gap > 5.0) if degenerate else (gap < 0.05)
+
+
+def _per_token(degenerate):
+    zs, zsp, zt, ztp, mask = _batch(degenerate)
+    return vgs_loss(zs, zsp, zt, ztp, mask, return_per_token=True, backend="torch").per_token, mask
+
+
+def test_prior_gap_is_relative_to_the_runs_start_and_only_watched_where_r_is_built():
+    # a 151k-vocabulary run starts with a large gap that stays put: no warning (a fixed 1-nat bar would fire)
+    flags, raised = _run(HealthMonitor(HealthConfig(window=3)), [_m(gap=3.0)] * 3 + [_m(gap=3.2)] * 10)
+    assert not flags["prior_gap"] and raised == []
+    # the same rise warns a VGS run and never an OPD run (OPD does not build the visual target)
+    rising = [_m(gap=0.4)] * 3 + [_m(gap=1.5)] * 5
+    assert _run(HealthMonitor(HealthConfig(window=3)), rising)[0]["prior_gap"]
+    flags, raised = _run(HealthMonitor(HealthConfig(window=3), watch_prior_gap=False), rising)
+    assert not flags["prior_gap"] and raised == []
 
 
 def _run(monitor, seq):
@@ -69,13 +84,40 @@ def test_collapse_signals_fire_on_a_collapsing_run_and_warn_once():
     assert sorted(w.split("(")[1].split(")")[0] for w in raised) == ["acc_drop", "std_rise", "truncated"]
 
 
+def test_a_run_that_climbs_then_falls_warns():
+    # starts at 0.3, climbs to 0.8, falls back to 0.35: still above its start, far under its best
+    climb = [_m(acc=0.3 + 0.05 * i) for i in range(11)] + [_m(acc=0.8)] * 10
+    fall = [_m(acc=0.35)] * 10
+    monitor = HealthMonitor(HealthConfig(window=5), warmup_steps=5)
+    flags, raised = _run(monitor, climb)
+    assert not any(flags.values()) and raised == []
+    flags, raised = _run(monitor, fall)
+    assert flags["acc_drop"] and [w for w in raised if "acc_drop" in w]
+
+
+def test_a_healthy_run_with_a_warm_up_never_warns():
+    # during the warm-up the student barely moves (low std KL to where it started, modest accuracy); after it
+    # the std KL jumps while the student explores, then falls; accuracy climbs noisily: nothing is wrong
+    warm = [_m(acc=0.45 + 0.03 * (i % 2), std=0.4, gap=0.4) for i in range(20)]
+    after = [_m(acc=0.5 + 0.01 * i + 0.08 * (i % 3 == 0), std=1.2 - 0.003 * i, gap=0.4 - 0.001 * i)
+             for i in range(100)]
+    for watch in (True, False):  # a VGS run and an OPD run
+        flags, raised = _run(HealthMonitor(HealthConfig(window=10), warmup_steps=20, watch_prior_gap=watch),
+                             warm + after)
+        assert not any(flags.values()) and raised == []
+    # a baseline taken inside the warm-up reads the jump after it as a rise
+    flags, raised = _run(HealthMonitor(HealthConfig(window=10), warmup_steps=0), warm + after)
+    assert [w for w in raised if "std_rise" in w]
+
+
 def test_monitor_state_round_trips_for_resume():
     a = HealthMonitor(HealthConfig(window=3))
-    _run(a, [_m(acc=0.5)] * 3 + [_m(acc=0.1)] * 2)
+    _run(a, [_m(acc=0.5)] * 3 + [_m(acc=0.4)] * 3 + [_m(acc=0.1)] * 2)
     b = HealthMonitor(HealthConfig(window=3))
     b.load_state_dict(a.state_dict())
     nxt = _m(acc=0.05)
     assert a.update(dict(nxt)) == b.update(dict(nxt))
+    assert a.state_dict() == b.state_dict()
 
 
 def test_nan_metrics_never_flag():
