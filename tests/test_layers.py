@@ -11,10 +11,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # vgs_train's layers, bottom up: plain config and data -> the pipeline pieces -> the loops and tools -> the CLIs
 LAYERS = [
-    ("config and data", {"config", "answers", "rewards", "data", "rng", "synthetic", "readme"}),
+    ("config and data", {"config", "answers", "rewards", "data", "rng", "synthetic", "readme", "machine", "stats"}),
     ("pipeline pieces", {"tokenizer", "tiny", "modeling", "views", "rollout", "distributed", "health", "evaluate",
                          "gradients", "embedded", "pipeline"}),
     ("loops and tools", {"grpo", "calibrate", "analyze", "checkpoint", "trainer", "demo", "integrations",
+                         "assess", "jobs", "study",
                          "integrations.trl"}),
     ("command lines", {"cli", "__main__", "__init__"}),
 ]

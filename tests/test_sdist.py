@@ -37,6 +37,7 @@ def test_sdist_ships_every_build_source(tmp_path):
         names = {Path(n).relative_to(Path(n).parts[0]).as_posix() for n in tar.getnames() if len(Path(n).parts) > 1}
     needed = {p.relative_to(ROOT).as_posix() for p in (ROOT / "csrc").iterdir() if p.is_file()}
     needed |= {"setup.py", "pyproject.toml", "MANIFEST.in", "README.md"}
+    needed |= {p.relative_to(ROOT).as_posix() for p in (ROOT / "vgs_train" / "prepared").rglob("*") if p.is_file()}
     assert needed <= names, f"missing from the sdist: {sorted(needed - names)}"
 
 
@@ -54,6 +55,11 @@ def test_wheel_built_from_the_sdist_has_the_extension(tmp_path):
     _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(site),
           str(wheel)], cwd=tmp_path)
     assert list((site / "vgs_kernels").glob("_C*.so")), "the wheel has no vgs_kernels._C"
+    shipped = {p.relative_to(ROOT / "vgs_train").as_posix() for p in (ROOT / "vgs_train" / "prepared").rglob("*")
+               if p.is_file()}
+    installed = {p.relative_to(site / "vgs_train").as_posix() for p in (site / "vgs_train" / "prepared").rglob("*")
+                 if p.is_file()}
+    assert shipped and shipped <= installed, f"the wheel lacks the prepared models: {sorted(shipped - installed)}"
     probe = ("import vgs_kernels, vgs_kernels._C, pathlib; "
              "print(pathlib.Path(vgs_kernels.__file__).resolve().parent); print(vgs_kernels.backends()['cpu']); "
              "print((pathlib.Path(vgs_kernels.__file__).parent / '_C_build.txt').read_text().strip())")

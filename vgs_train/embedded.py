@@ -1,6 +1,14 @@
 """The embedded default: a synthetic visually grounded task, an offline Qwen tokenizer and tiny
 Qwen3-VL teacher/student, prepared once (teacher SFT, student warm-up) and cached on disk. Everything
-is saved with ``save_pretrained`` and the trainer loads it by path like any HF model."""
+is saved with ``save_pretrained`` and the trainer loads it by path like any HF model.
+
+The teacher and the student of the default settings ship with the package (``vgs_train/prepared``, a few MB
+of safetensors with a manifest of their hashes): preparation trains in floating point, and ATen, MKL and
+oneDNN pick AVX-512 or AVX2 code paths by CPU, so two machines prepare different models from the same
+settings (single-threaded and deterministic or not). With the shipped files every machine starts from the
+same models. Other ``embedded`` settings (or ``embedded.shipped=false``) prepare locally as before;
+``python -m vgs_train.embedded --write-shipped DIR`` rebuilds the shipped files.
+"""
 
 from __future__ import annotations
 
@@ -23,6 +31,8 @@ from .views import REASONING_SYSTEM_PROMPT, PromptBuilder, append_completion, re
 
 PREP_VERSION = 4
 PREP_THREADS = 1  # preparation runs single-threaded whatever the machine (see ``deterministic``)
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepared")
+MODELS = ("teacher", "student")
 
 
 def build_tokenizer(vocab: str):
@@ -133,15 +143,17 @@ MODEL_KEYS = {
 }
 
 
-def stage_keys(cfg: TrainConfig) -> dict:
+def stage_keys(cfg: TrainConfig, *, with_versions: bool = True) -> dict:
     """Cache keys of the three prepared stages: the task data, the teacher and the student. Each covers the
-    settings it is built from, the stages it reads, the preparation code's version and the library
-    versions (another torch / transformers / pillow may build other models from the same settings)."""
+    settings it is built from, the stages it reads, the preparation code's version and (``with_versions``)
+    the library versions (another torch / transformers / pillow may build other models from the same
+    settings). Without the versions: the recipe keys the shipped models are matched by."""
     e = to_dict(cfg.embedded)
+    extra = {"versions": versions(), "threads": PREP_THREADS} if with_versions else {}
 
     def key(name, fields, parent=""):
-        blob = json.dumps({"v": PREP_VERSION, "stage": name, "parent": parent, "versions": versions(),
-                           "threads": PREP_THREADS, **{f: e[f] for f in fields}}, sort_keys=True)
+        blob = json.dumps({"v": PREP_VERSION, "stage": name, "parent": parent, **extra,
+                           **{f: e[f] for f in fields}}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     data = key("data", DATA_KEYS)
@@ -161,9 +173,115 @@ def resolve_paths(cfg: TrainConfig, verbose: bool = True) -> dict:
             "train": pick(cfg.data.train, "train"), "eval": pick(cfg.data.eval, "eval") if cfg.data.eval else ""}
 
 
-def prepare_embedded(cfg: TrainConfig, verbose: bool = True, workers: int = 1) -> dict:
+# ---------------------------------------------------------------------------- the shipped models
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(shipped_dir: str = SHIPPED_DIR) -> dict | None:
+    path = os.path.join(shipped_dir, "manifest.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def verify_shipped(shipped_dir: str = SHIPPED_DIR) -> dict:
+    """The manifest of the shipped models after checking every listed file's SHA-256 (a truncated download or
+    a Git LFS pointer fails here, naming the file)."""
+    manifest = read_manifest(shipped_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"no manifest.json in {shipped_dir}")
+    for rel, digest in manifest["files"].items():
+        path = os.path.join(shipped_dir, rel)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"shipped model file missing: {path}")
+        if _sha256(path) != digest:
+            raise RuntimeError(f"shipped model file {path} does not match its SHA-256 in manifest.json (a Git LFS "
+                               "pointer or a damaged copy?); reinstall the package, or set embedded.shipped=false "
+                               "to prepare the models locally")
+    return manifest
+
+
+def shipped_paths(cfg: TrainConfig, shipped_dir: str = SHIPPED_DIR) -> dict:
+    """{model: folder} of the shipped models whose recipe equals this config's (none with
+    ``embedded.shipped=false``, or when the settings differ from those the models were prepared with)."""
+    manifest = read_manifest(shipped_dir) if cfg.embedded.shipped else None
+    if manifest is None:
+        return {}
+    recipe = stage_keys(cfg, with_versions=False)
+    hits = {m: os.path.join(shipped_dir, m) for m in MODELS if manifest["recipe"].get(m) == recipe[m]}
+    if hits:
+        verify_shipped(shipped_dir)
+    return hits
+
+
+def pixels_sha256(data_dir: str) -> str:
+    """SHA-256 over the task's JSONL rows and the decoded pixels of its images (not the PNG bytes: another
+    zlib compresses the same pixels differently)."""
+    from PIL import Image
+
+    h = hashlib.sha256()
+    for split in ("train", "eval"):
+        with open(os.path.join(data_dir, f"{split}.jsonl"), "rb") as f:
+            data = f.read()
+        h.update(data)
+        for line in data.decode().splitlines():
+            with Image.open(os.path.join(data_dir, json.loads(line)["image"])) as img:
+                h.update(img.tobytes())
+    return h.hexdigest()
+
+
+def write_shipped(cfg: TrainConfig, out_dir: str, *, cache_dir: str | None = None, workers: int = 2,
+                  verbose: bool = True) -> dict:
+    """Prepare the teacher and the student of ``cfg`` (in ``cache_dir``, reusing what it holds; default: a
+    fresh temporary folder) and write them to ``out_dir`` with a manifest (recipe keys, file hashes, the
+    data's pixel hash, the machine and library versions they were prepared with)."""
+    import tempfile
+
+    from . import machine
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = _with_embedded(cfg, cache_dir=os.path.abspath(cache_dir or tmp), shipped=False)
+        paths = prepare_embedded(cfg, verbose=verbose, workers=workers)
+        os.makedirs(out_dir, exist_ok=True)
+        files = {}
+        for m in MODELS:
+            dst = os.path.join(out_dir, m)
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(paths[m], dst)
+            for name in sorted(os.listdir(dst)):
+                if name != "prep.json":  # holds timings: informative, not part of the model
+                    files[f"{m}/{name}"] = _sha256(os.path.join(dst, name))
+        data_dir = os.path.dirname(paths["train"])
+        manifest = {"recipe": {k: v for k, v in stage_keys(cfg, with_versions=False).items()},
+                    "settings": to_dict(cfg.embedded) | {"cache_dir": "", "shipped": True},
+                    "data_pixels_sha256": pixels_sha256(data_dir), "files": files,
+                    "prepared_on": {**machine.describe(), "versions": versions()}}
+    with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+        json.dump(manifest, f, indent=1, sort_keys=True)
+        f.write("\n")
+    return manifest
+
+
+def _with_embedded(cfg: TrainConfig, **changes) -> TrainConfig:
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    for k, v in changes.items():
+        setattr(cfg.embedded, k, v)
+    return cfg
+
+
+def prepare_embedded(cfg: TrainConfig, verbose: bool = True, workers: int = 1,
+                     shipped_dir: str = SHIPPED_DIR) -> dict:
     """Build (or reuse from the cache) the synthetic task, the SFT'd tiny teacher and the warmed-up tiny
-    student, each stage cached on its own (changing the student's recipe does not retrain the teacher).
+    student, each stage cached on its own (changing the student's recipe does not retrain the teacher). A model
+    whose settings are those of the shipped one is not prepared: its path is the shipped folder.
     ``workers`` = 2 trains teacher and student at once in two processes (the same models: each stage runs
     single-threaded either way). Returns paths: {"train", "eval", "teacher", "student"}."""
     e = cfg.embedded
@@ -171,16 +289,21 @@ def prepare_embedded(cfg: TrainConfig, verbose: bool = True, workers: int = 1) -
     cache = cfg.cache_dir()
     data_dir = os.path.join(cache, f"data-{keys['data']}")
     paths = {"train": os.path.join(data_dir, "train.jsonl"), "eval": os.path.join(data_dir, "eval.jsonl"),
-             "teacher": os.path.join(cache, f"teacher-{keys['teacher']}"),
-             "student": os.path.join(cache, f"student-{keys['student']}")}
+             **{m: os.path.join(cache, f"{m}-{keys[m]}") for m in MODELS}}
 
     def write_data(tmp):
         synthetic.write_task(tmp, e.n_train, e.task_seed, e.image_size, "train")
         synthetic.write_task(tmp, e.n_eval, e.task_seed + 1, e.image_size, "eval")
-        return {"n_train": e.n_train, "n_eval": e.n_eval}
+        return {"n_train": e.n_train, "n_eval": e.n_eval, "pixels_sha256": pixels_sha256(tmp)}
 
     _cached_stage(data_dir, "task data", write_data, verbose)
-    todo = [m for m in ("teacher", "student") if not _finished(paths[m])]
+    shipped = shipped_paths(cfg, shipped_dir)
+    if shipped:
+        _check_shipped_data(data_dir, read_manifest(shipped_dir))
+        paths.update(shipped)
+        if verbose:
+            print(f"embedded default: the shipped {' and '.join(shipped)} ({shipped_dir})", flush=True)
+    todo = [m for m in MODELS if m not in shipped and not _finished(paths[m])]
     if workers > 1 and len(todo) > 1:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
@@ -188,9 +311,24 @@ def prepare_embedded(cfg: TrainConfig, verbose: bool = True, workers: int = 1) -
         with ProcessPoolExecutor(len(todo), mp_context=mp.get_context("spawn")) as pool:
             for f in [pool.submit(_model_stage, e, m, paths[m], paths["train"], verbose) for m in todo]:
                 f.result()
-    for m in ("teacher", "student"):
-        _model_stage(e, m, paths[m], paths["train"], verbose)
+    for m in MODELS:
+        if m not in shipped:
+            _model_stage(e, m, paths[m], paths["train"], verbose)
     return paths
+
+
+def _check_shipped_data(data_dir: str, manifest: dict) -> None:
+    """Warn when this machine's task data differs from the data the shipped models were prepared on."""
+    with open(os.path.join(data_dir, "prep.json")) as f:
+        here = json.load(f).get("pixels_sha256")
+    if here is None:  # a data stage cached by an older version: hash it now
+        here = pixels_sha256(data_dir)
+    if here != manifest["data_pixels_sha256"]:
+        import warnings
+
+        warnings.warn(f"the task data in {data_dir} differs from the data the shipped models were prepared on "
+                      f"(pillow {versions()['pillow']} here, {manifest['prepared_on']['versions']['pillow']} "
+                      "there): evaluation numbers are not comparable with the published ones", stacklevel=3)
 
 
 def _model_stage(e, name: str, path: str, train_path: str, verbose: bool) -> None:
@@ -273,3 +411,27 @@ def _train_model(e, name: str, train_path: str, out: str, verbose: bool) -> dict
     model.save_pretrained(out)
     proc.save_pretrained(out)
     return {"tokenizer_ids": len(tok), "sft_losses": losses, "params": sum(p.numel() for p in model.parameters())}
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from .config import load_config
+
+    p = argparse.ArgumentParser(prog="python -m vgs_train.embedded", description="Prepare the embedded default's "
+                                "teacher and student (SFT on the synthetic task) and write them as the shipped "
+                                "models with their manifest.")
+    p.add_argument("--write-shipped", metavar="DIR", required=True,
+                   help=f"output folder (the package's own: {os.path.relpath(SHIPPED_DIR)})")
+    p.add_argument("--cache", metavar="DIR", help="preparation cache to reuse (default: a fresh temporary one)")
+    p.add_argument("--workers", type=int, default=2, help="prepare teacher and student in parallel processes")
+    p.add_argument("overrides", nargs="*", help="embedded.* settings (key=value); the defaults are what ships")
+    args = p.parse_args(argv)
+    manifest = write_shipped(load_config(None, args.overrides), args.write_shipped, cache_dir=args.cache,
+                             workers=args.workers)
+    print(json.dumps({k: manifest[k] for k in ("recipe", "prepared_on")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

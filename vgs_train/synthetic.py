@@ -19,6 +19,8 @@ import random
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
+QUESTIONS = {"colour": "What colour is the shape?", "shape": "Which shape is in the image?"}
+QUESTION_TYPES = tuple(QUESTIONS)
 
 
 def _draw(img, shape: str, colour: str, rng: random.Random) -> None:
@@ -74,10 +76,18 @@ def make_example(rng: random.Random, size: int = 96):
     img = Image.new("RGB", (size, size), (245, 245, 245))
     _draw(img, shape, colour, rng)
     if rng.random() < 0.5:
-        question, answer = "What colour is the shape?", colour
+        question, answer = QUESTIONS["colour"], colour
     else:
-        question, answer = "Which shape is in the image?", shape
+        question, answer = QUESTIONS["shape"], shape
     return img, question, answer, describe(shape, colour)
+
+
+def question_type(question: str) -> str:
+    """"colour" or "shape" for one of the task's questions (ValueError for any other text)."""
+    for kind, text in QUESTIONS.items():
+        if question == text:
+            return kind
+    raise ValueError(f"not a question of the synthetic task: {question!r}")
 
 
 def reference_response(reasoning: str, answer: str) -> str:
@@ -106,7 +116,7 @@ def write_task(out_dir: str, n: int, seed: int, size: int = 96, name: str = "tra
 
 def corpus() -> list[str]:
     """Every string the task can produce (for the task-restricted tokenizer)."""
-    texts = ["What colour is the shape?", "Which shape is in the image?", "0 1 2 3 4 5 6 7 8 9",
+    texts = [*QUESTIONS.values(), "0 1 2 3 4 5 6 7 8 9",
              "<reason></reason>"]
     for s in SHAPES:
         for c in COLOURS:
