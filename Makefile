@@ -10,8 +10,13 @@ export TOKENIZERS_PARALLELISM := false
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# triton 3.6.0: the Triton of the GPU image (torch 2.11 + CUDA 13); the tests compile the kernels for sm_90 with it
+# and run them in its interpreter, which turns 1-element arrays into ints (an error from NumPy 2.4 on): numpy < 2.4
 install: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	@$(PY) -c "import triton, numpy, sys; sys.exit(triton.__version__ != '3.6.0' or \
+		tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" \
+		2>/dev/null || $(PY) -m pip install -q "triton==3.6.0" "numpy<2.4"
 	$(PY) -m pip install -q "setuptools>=64" wheel
 	# --no-build-isolation: compile vgs_kernels._C against the torch installed above
 	$(PY) -m pip install -q --no-build-isolation -e ".[train,bench,dev,trl]"
