@@ -43,7 +43,24 @@ def _skip_reason() -> str | None:
     return None
 
 
+def _set_cuda_home() -> None:
+    """CUDA_HOME from the real toolkit behind the nvcc on PATH when unset (vgs_kernels/_cuda_home.py: torch
+    would guess it from a wrapper script's folder)."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_cuda_home", os.path.join(HERE, "vgs_kernels", "_cuda_home.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    home = mod.cuda_home_from_nvcc()
+    if home:
+        os.environ["CUDA_HOME"] = home
+
+
 SKIP = _skip_reason()
+if not SKIP:
+    _set_cuda_home()
 
 
 class BuildPyWithStatus(build_py):
@@ -75,7 +92,7 @@ def _extension_and_cmdclass():
         ext = cpp_extension.CUDAExtension(sources=sources + cuda_sources, define_macros=[("VGS_WITH_CUDA", None)], **kwargs)
     else:
         ext = cpp_extension.CppExtension(sources=sources, **kwargs)
-    what = "CPU + CUDA" if use_cuda else "CPU only" + (
+    what = f"CPU + CUDA, CUDA_HOME={cpp_extension.CUDA_HOME}" if use_cuda else "CPU only" + (
         "" if not cuda_sources else f" (no CUDA: torch.version.cuda={torch.version.cuda}, "
                                     f"CUDA_HOME={cpp_extension.CUDA_HOME})")
 

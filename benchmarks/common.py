@@ -76,6 +76,16 @@ def device_info(device: torch.device) -> dict:
     else:
         info["name"] = f"CPU ({info['cpu_model']}, {info['cpu_count']} cores)"
         info["slug"] = "cpu"
+    # the code paths in use: ATen's vectorised kernels (AVX512 / AVX2 / DEFAULT) and our CPU row kernel's variant
+    info["aten_cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    try:
+        from vgs_kernels.backends import extension
+
+        info["vgs_cpu_kernel"] = extension.CPU_ISA
+    except ImportError:
+        info["vgs_cpu_kernel"] = None
+    info["isa_env"] = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA",
+                                                  "VGS_CPU_ISA") if k in os.environ}
     info["mem_total_bytes"] = meminfo("MemTotal")
     return info
 

@@ -27,7 +27,7 @@ import sys
 import torch
 
 from vgs_kernels import backends, vgs_loss
-from vgs_kernels.backends import resolve
+from vgs_kernels.backends import is_available, resolve
 
 from . import common
 
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
         args.min_repeats = 1 if args.quick else 5
 
     status = backends()["cpu"]
-    if status != "available":
+    if not is_available(status):
         print(f"cpu backend {status}; build it with `pip install --no-build-isolation -e .`", file=sys.stderr)
         return 1
     device = torch.device("cpu")

@@ -1,27 +1,39 @@
-"""One command on a GPU machine: ``make gpu-check`` (``python -m benchmarks.gpu_check``).
+"""One command on a GPU machine: ``make gpu-check`` (``python -m benchmarks.gpu_check``). It exits non-zero
+when anything is wrong, so that one run tells the truth.
 
-For one H100/H200-class GPU with torch (CUDA build), triton and nvcc already installed; no network is
-used. Within ``--budget`` seconds (480 by default), each step with its own time limit, in order:
+For one H100/H200-class GPU with torch (CUDA build), triton, pytest and nvcc installed; no network. Steps,
+each in a subprocess under its own time limit; the limits add up to the budget (480 s by default), the
+checks first, the measurements as time allows:
 
-1. ``env``: torch / CUDA / GPU, triton, nvcc, and which optional packages are here (pytest,
-   liger-kernel, transformers); a step that needs a missing one is skipped, and says so.
-2. ``build``: ``vgs_kernels._C`` built in place against this torch (``VGS_BUILD_EXT=1``, this GPU's
-   architecture only).
-3. ``tests``: the kernel tests with compiled Triton (``VGS_TRITON_TEST_DEVICE=cuda``), CUDA cases
-   (torch, triton, cuda backends): backend grids, row contract, fp16 at 4096 rows, predicted gate,
-   frozen inputs, triton kernel tests.
-4. ``row_kernels``: the row kernels alone at a Qwen chunk ([1664, 151936] bf16, the pass-1 call):
-   Triton configs swept, the CUDA kernel; bytes moved per second (the model's HBM constant).
-5. ``kernels``: ``benchmarks.kernels`` at B*T 4096 and 16384 (Qwen3-VL shapes, bf16): vgs / std on
-   triton and cuda, Liger's chunked and Triton fused linear JSD (beta = 1) when installed, the
-   measured GEMM floors.
-6. ``model``: ``benchmarks.gpu_model`` again with the measured GEMM rate and bandwidth.
-7. ``step``: ``benchmarks.step`` (2B/8B-sized Qwen3-VL, random weights, no rollout) if time is left
-   and transformers is installed.
-8. ``report``: the README benchmark section regenerated.
+==============  =====  ========  ======================================================================
+step            limit  required  what
+==============  =====  ========  ======================================================================
+``env``             -  yes       torch sees a CUDA device; triton, pytest, nvcc present (missing: fails)
+``build``         110  yes       ``vgs_kernels._C`` for this GPU (CUDA_HOME from the real nvcc if unset,
+                                 ``vgs_kernels/_cuda_home.py``)
+``numerics``      100  yes       ``benchmarks.gpu_numerics``: row kernels with poisoned buffers, the fused
+                                 loss of every GPU backend and mode at B*T 4096, H 2048 / 4096, V 151936,
+                                 bf16 against an fp32 reference on the GPU; the in-place fp32 weight-
+                                 gradient GEMM (never the slab fallback on torch >= 2.10)
+``tests``          80  yes       the kernel tests on CUDA (compiled Triton, the cuda backend)
+``microbench``     25  no        GEMM rates at the loss's shapes and copy bandwidth: the cost model's
+                                 calibration (never the modelled kernels themselves)
+``row_kernels``    25  no        the row kernels alone at a Qwen chunk, Triton tiles swept
+``kernels``        80  no        ``benchmarks.kernels`` at B*T 4096 and 16384 (``--strict``: an error, OOM
+                                 or missed target fails it)
+``model``          20  no        ``benchmarks.gpu_model`` with the microbenchmarks' constants
+``verl``           20  no        the verl recipe's loss function on CUDA tensors (skipped without verl)
+``report``         10  no        a markdown summary
+==============  =====  ========  ======================================================================
 
-Writes ``benchmarks/results/gpu_check-<gpu>.json`` (each step's status, time and output tail, the
-row-kernel sweep, the calibration) next to the files the benchmarks write.
+A required step that fails, times out or cannot run fails the check; so does an optional step that ran
+and failed (a step skipped for lack of time is reported, not failed). Results go to ``--out`` (default:
+``$OUT/gpu-check`` when ``$OUT`` is set, else ``benchmarks/results/gpu-check``): ``summary.json`` (each step's
+status, time, command and output tail, the environment) and every step's own JSON.
+
+``--device cpu --small`` runs the same steps on the CPU backends at small sizes, and ``--inject`` plants a
+failure (``missing_package``, ``exception``, ``wrong_number``, ``slab_fallback``): how the tests check that
+each failure gives a non-zero exit.
 """
 
 from __future__ import annotations
@@ -31,7 +43,6 @@ import importlib.util
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -40,28 +51,35 @@ from pathlib import Path
 from . import common as C
 
 PY = sys.executable
-LIMITS = {"build": 150, "tests": 170, "row_kernels": 45, "kernels": 150, "model": 30, "step": 240, "report": 20}
+# (step, limit in seconds, required)
+STEPS = [("build", 110, True), ("numerics", 100, True), ("tests", 80, True), ("microbench", 25, False),
+         ("row_kernels", 25, False), ("kernels", 80, False), ("model", 20, False), ("verl", 20, False),
+         ("report", 10, False)]
 KERNEL_TESTS = ["tests/kernels/test_row_contract.py", "tests/kernels/test_loss_backends.py",
                 "tests/kernels/test_frozen_inputs.py", "tests/kernels/test_fp16_scale.py",
                 "tests/kernels/test_predicted_gate.py", "tests/kernels/test_triton.py", "tests/kernels/test_driver.py"]
-TRITON_CONFIGS = [(1024, 8), (1024, 4), (2048, 8), (2048, 16), (512, 4)]
+REQUIRED_MODULES = ("torch", "triton", "pytest")
+INJECTIONS = ("missing_package", "exception", "wrong_number", "slab_fallback")
 
 
 class Steps:
-    def __init__(self, budget: float):
+    """Runs the steps in order within the budget and records each."""
+
+    def __init__(self, budget: float, out: Path):
         self.t0 = time.monotonic()
         self.budget = budget
+        self.out = out
         self.records: list[dict] = []
 
     def left(self) -> float:
         return self.budget - (time.monotonic() - self.t0)
 
-    def run(self, name: str, cmd: list[str], env: dict | None = None, min_left: float = 10.0) -> dict:
-        limit = min(LIMITS.get(name, 60), self.left() - 5)
-        rec = {"step": name, "command": " ".join(cmd)}
-        if limit < min_left:
-            rec.update(status="skipped", reason=f"out of time ({self.left():.0f} s left of {self.budget:.0f})")
-            return self._done(rec)
+    def run(self, name: str, limit: float, required: bool, cmd: list[str], env: dict) -> dict:
+        rec = {"step": name, "required": required, "command": " ".join(cmd), "limit_s": limit}
+        limit = min(limit, self.left() - 2)
+        if limit < 5:
+            return self._done(rec | {"status": "failed" if required else "skipped",
+                                     "reason": f"out of time ({self.left():.0f} s left of {self.budget:.0f})"})
         print(f"\n## {name} (limit {limit:.0f} s): {' '.join(cmd)}", flush=True)
         t0 = time.monotonic()
         try:
@@ -69,200 +87,156 @@ class Steps:
             out = proc.stdout + proc.stderr
             rec.update(status="ok" if proc.returncode == 0 else "failed", returncode=proc.returncode)
         except subprocess.TimeoutExpired as exc:
-            out = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-            out += (exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-            rec.update(status="timeout", limit_s=limit)
+            out = _text(exc.stdout) + _text(exc.stderr)
+            rec.update(status="timeout", reason=f"killed after {limit:.0f} s")
         rec["seconds"] = round(time.monotonic() - t0, 1)
         rec["output_tail"] = out[-4000:]
+        (self.out / f"{name}.log").write_text(out)
         print(out[-2500:], flush=True)
         return self._done(rec)
 
-    def skip(self, name: str, reason: str) -> dict:
-        return self._done({"step": name, "status": "skipped", "reason": reason})
+    def record(self, name: str, required: bool, status: str, reason: str = "", **extra) -> dict:
+        return self._done({"step": name, "required": required, "status": status, "reason": reason, **extra})
 
     def _done(self, rec: dict) -> dict:
         self.records.append(rec)
-        print(f"## {rec['step']}: {rec['status']}" + (f" ({rec.get('reason')})" if rec.get("reason") else "")
+        print(f"## {rec['step']}: {rec['status'].upper()}" + (f" ({rec['reason']})" if rec.get("reason") else "")
               + (f" in {rec['seconds']} s" if "seconds" in rec else ""), flush=True)
         return rec
 
+    def failed(self) -> list[dict]:
+        return [r for r in self.records if r["status"] not in ("ok", "skipped")
+                or (r["status"] == "skipped" and r["required"])]
 
-def environment() -> dict:
+
+def _text(x) -> str:
+    return x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+
+
+def environment(inject: str | None) -> dict:
     import torch
 
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-           "nvcc": shutil.which("nvcc"), "python": sys.version.split()[0]}
-    for mod in ("triton", "pytest", "liger_kernel", "transformers", "setuptools", "ninja"):
+           "python": sys.version.split()[0], "nvcc": shutil.which("nvcc"), "CUDA_HOME": os.environ.get("CUDA_HOME")}
+    for mod in (*REQUIRED_MODULES, "liger_kernel", "transformers", "verl"):
         env[mod] = importlib.util.find_spec(mod) is not None
+    if inject == "missing_package":
+        env["pytest"] = False
+    if env["triton"]:
+        import triton
+
+        env["triton_version"] = triton.__version__
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        env.update(gpu=p.name, capability=f"{p.major}.{p.minor}", memory_bytes=p.total_memory)
+        env.update(gpu=p.name, capability=f"{p.major}.{p.minor}", memory_bytes=p.total_memory,
+                   sms=p.multi_processor_count)
     return env
 
 
-# ----------------------------------------------------------------------------- row-kernel sweep (subprocess)
-def row_kernels(out_path: str, rows: int, vocab: int, vocab_size: int) -> None:
-    """Times the pass-1 row-kernel call (grad_zs and grad_zsp in place) per backend / Triton config."""
-    import torch
-
-    from vgs_kernels.backends import resolve, triton_rows
-
-    dev = torch.device("cuda")
-    g = torch.Generator(device=dev).manual_seed(0)
-    base = [torch.randn(rows, vocab, generator=g, device=dev).mul_(3).to(torch.bfloat16) for _ in range(4)]
-    work = [b.clone() for b in base]
-    coef = torch.rand(rows, 3, device=dev) / rows
-    item = 2
-    # pass A reads 4 streams, pass B reads 4 again and writes 2 gradients (the analytic model's count)
-    moved = rows * vocab_size * item * 8 + rows * vocab * item * 2
-    results = []
-
-    def bench(label, fn, config=None):
-        triton_rows.CONFIG_OVERRIDE = config
-        times = []
-        for i in range(6):
-            for w, b in zip(work, base):
-                w.copy_(b)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            if i:  # the first run compiles / warms up
-                times.append(time.perf_counter() - t)
-        ms = 1e3 * statistics.median(times)
-        results.append({"kernel": label, "config": config, "median_ms": ms, "gb_per_s": moved / ms / 1e6,
-                        "n": len(times)})
-        print(f"  {label:32s} {ms:8.3f} ms  {moved / ms / 1e6:8.0f} GB/s", flush=True)
-
-    for name in ("triton", "cuda"):
-        try:
-            fn = resolve(name, dev).rows_fn
-        except ValueError as exc:
-            results.append({"kernel": name, "status": "unavailable", "reason": str(exc)[:300]})
-            continue
-
-        def call(fn=fn):
-            fn(*work, coef, temperature=1.0, detach_target_prior=True, grad_zs=work[0], grad_zsp=work[1],
-               vocab=vocab_size)
-
-        for config in TRITON_CONFIGS if name == "triton" else [None]:
-            try:
-                bench(f"{name}" + (f" BLOCK_V={config[0]} warps={config[1]}" if config else ""), call, config)
-            except Exception as exc:  # noqa: BLE001 -- a config that does not compile is a result
-                results.append({"kernel": name, "config": config, "status": "error", "error": str(exc)[:300]})
-        triton_rows.CONFIG_OVERRIDE = None
-    Path(out_path).write_text(json.dumps({"rows": rows, "vocab": vocab, "vocab_size": vocab_size,
-                                          "bytes_moved": moved, "results": results}, indent=1))
+def default_out() -> Path:
+    base = os.environ.get("OUT")
+    return Path(base) / "gpu-check" if base else C.RESULTS_DIR / "gpu-check"
 
 
-# ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", type=float, default=480.0, help="seconds for the whole check")
-    p.add_argument("--skip", nargs="+", default=[], help="steps to skip")
-    p.add_argument("--row-kernels", metavar="OUT_JSON", help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help="results folder (default: $OUT/gpu-check or benchmarks/results/gpu-check)")
+    p.add_argument("--only", nargs="+", help="run only these steps (env always runs)")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: the CPU backends (tests)")
+    p.add_argument("--small", action="store_true", help="small sizes (with --device cpu)")
+    p.add_argument("--inject", choices=INJECTIONS, help="plant a failure (tests of this script)")
     args = p.parse_args(argv)
-    if args.row_kernels:
-        row_kernels(args.row_kernels, rows=1664, vocab=151936, vocab_size=151669)
-        return 0
+    out = (args.out or default_out()).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    steps = Steps(args.budget, out)
+    info = environment(args.inject)
+    print("# gpu-check environment: " + json.dumps(info), flush=True)
+    cpu = args.device == "cpu"
+    missing = [m for m in REQUIRED_MODULES if not info[m]] + ([] if cpu or info["nvcc"] else ["nvcc"])
+    if not cpu and not info["cuda_available"]:
+        missing.append("a CUDA device (torch.cuda.is_available() is False)")
+    steps.record("env", True, "failed" if missing else "ok", f"missing: {', '.join(missing)}" if missing else "")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("TRITON_INTERPRET", None)
+    if not cpu and not env.get("CUDA_HOME"):  # setup.py derives the same; said here for the record
+        from vgs_kernels._cuda_home import cuda_home_from_nvcc
 
-    steps = Steps(args.budget)
-    env_info = environment()
-    print("# gpu-check environment: " + json.dumps(env_info), flush=True)
-    if not env_info["cuda_available"]:
-        print("gpu-check needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
-        return 2
-    slug = C.slug(env_info.get("gpu", "cuda"))
-    base_env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    base_env.pop("TRITON_INTERPRET", None)
-
-    def want(name):
-        if name in args.skip:
-            steps.skip(name, "--skip")
-            return False
-        return True
-
-    if want("build"):
-        cap = env_info["capability"]
-        env = dict(base_env, VGS_BUILD_EXT="1", TORCH_CUDA_ARCH_LIST=cap, MAX_JOBS=str(os.cpu_count() or 4))
-        steps.run("build", [PY, "setup.py", "-q", "build_ext", "--inplace"], env=env)
-    if want("tests"):
-        if env_info["pytest"]:
-            env = dict(base_env, VGS_TRITON_TEST_DEVICE="cuda")
-            steps.run("tests", [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda or triton",
-                                *KERNEL_TESTS], env=env)
-        else:
-            steps.skip("tests", "pytest is not installed")
-    rows_json = C.RESULTS_DIR / f"gpu_check-rows-{slug}.json"
-    if want("row_kernels"):
-        steps.run("row_kernels", [PY, "-m", "benchmarks.gpu_check", "--row-kernels", str(rows_json)], env=base_env)
-    kernels_json = C.RESULTS_DIR / f"kernels-{slug}.json"
-    if want("kernels"):
-        steps.run("kernels", [PY, "-m", "benchmarks.kernels", "--device", "cuda", "--bts", "4096", "16384",
-                              "--cases", "vgs:triton", "vgs:cuda", "std:", "liger", "gemm_floor",
-                              "--repeats", "5", "--min-repeats", "3", "--budget", "10", "--no-plots",
-                              "--note", "make gpu-check"], env=base_env)
-    calibration = _calibration(rows_json, kernels_json)
-    if want("model") and calibration:
-        cmd = [PY, "-m", "benchmarks.gpu_model", "--name", f"gpu_model-calibrated-{slug}", "--rows", "4096", "16384"]
-        if "gemm_tflops" in calibration:
-            cmd += ["--gemm-tflops", f"{calibration['gemm_tflops']:.1f}"]
-        if "hbm_tbps" in calibration:
-            cmd += ["--hbm-tbps", f"{calibration['hbm_tbps']:.3f}"]
-        steps.run("model", cmd, env=base_env)
-    if want("step"):
-        if not env_info["transformers"]:
-            steps.skip("step", "transformers is not installed")
-        else:
-            steps.run("step", [PY, "-m", "benchmarks.step", "--device", "cuda", "--batch", "8", "--response", "256",
-                               "--repeats", "3", "--no-rollout", "--no-plots", "--note", "make gpu-check"],
-                      env=base_env, min_left=120)
-    doc = {"benchmark": "gpu_check", "schema_version": 1,
-           "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "environment": env_info,
-           "versions": C.versions(), "budget_s": args.budget, "steps": steps.records,
-           "row_kernels": json.loads(rows_json.read_text()) if rows_json.exists() else None,
-           "calibration": calibration, "comparison": _compare(kernels_json, slug)}
-    path = C.write_json(C.RESULTS_DIR / f"gpu_check-{slug}.json", doc)
-    if want("report"):
-        steps.run("report", [PY, "-m", "benchmarks.report", "--readme", "README.md"], env=base_env, min_left=3)
-        doc["steps"] = steps.records
-        C.write_json(path, doc)
-    print(f"\nwrote {path}; {time.monotonic() - steps.t0:.0f} s of {args.budget:.0f}", flush=True)
-    return 0 if all(r["status"] in ("ok", "skipped") for r in steps.records) else 1
+        home = cuda_home_from_nvcc()
+        if home:
+            env["CUDA_HOME"] = info["CUDA_HOME"] = home
+    wanted = [s for s in STEPS if not args.only or s[0] in args.only]
+    if not missing:
+        for name, limit, required in wanted:
+            cmd, reason = command(name, args, out, info)
+            if cmd is None:
+                steps.record(name, required, "failed" if required else "skipped", reason)
+            else:
+                steps.run(name, limit, required, cmd, env)
+    summary = {"benchmark": "gpu_check", "schema_version": 2, "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                            time.gmtime()),
+               "device": args.device, "environment": info, "versions": C.versions(), "budget_s": args.budget,
+               "seconds": round(time.monotonic() - steps.t0, 1), "steps": steps.records,
+               "failed": [r["step"] for r in steps.failed()], "inject": args.inject}
+    summary["passed"] = not summary["failed"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"\n# gpu-check: {'PASSED' if summary['passed'] else 'FAILED: ' + ', '.join(summary['failed'])} in "
+          f"{summary['seconds']:.0f} s of {args.budget:.0f}; {out / 'summary.json'}", flush=True)
+    for r in steps.records:
+        print(f"#   {r['step']:12s} {r['status']:8s} {r.get('seconds', '')!s:>6s}  {r.get('reason', '')}", flush=True)
+    return 0 if summary["passed"] else 1
 
 
-def _calibration(rows_json: Path, kernels_json: Path) -> dict:
-    """The model's constants as measured here: the best row-kernel bandwidth, the GEMM floor's rate."""
-    out: dict = {}
-    if rows_json.exists():
-        best = [r["gb_per_s"] for r in json.loads(rows_json.read_text())["results"] if "gb_per_s" in r]
-        if best:
-            out["hbm_tbps"] = max(best) / 1e3
-    if kernels_json.exists():
-        doc = json.loads(kernels_json.read_text())
-        rates = [r["tflops_per_s"] for r in doc.get("results", [])
-                 if r.get("case") == "gemm_floor:vgs" and r.get("status") == "ok" and r.get("tflops_per_s")]
-        if rates:
-            out["gemm_tflops"] = max(rates)
-    return out
-
-
-def _compare(kernels_json: Path, slug: str) -> list[dict]:
-    """Measured fused-loss times against the calibrated model's."""
-    model_json = C.RESULTS_DIR / f"gpu_model-calibrated-{slug}.json"
-    if not (kernels_json.exists() and model_json.exists()):
-        return []
-    measured = {(r["bt"], r["case"]): r for r in json.loads(kernels_json.read_text()).get("results", [])
-                if r.get("status") == "ok"}
-    rows = []
-    for c in json.loads(model_json.read_text()).get("cases", []):
-        case = {"vgs": "vgs:triton", "standard": "std:triton", "liger_jsd": "liger:chunked"}[c["name"]]
-        m = measured.get((c["rows"], case))
-        if m:
-            rows.append({"case": case, "rows": c["rows"], "measured_ms": 1e3 * m["median_s"],
-                         "modelled_ms": c["modelled_ms"], "measured_over_modelled": 1e3 * m["median_s"] / c["modelled_ms"],
-                         "measured_peak_bytes": m.get("peak_bytes"), "modelled_peak_bytes": c["peak_temp_bytes"]})
-    return rows
+def command(name: str, args, out: Path, info: dict) -> tuple[list[str] | None, str]:
+    """The step's command line, or (None, why it cannot run)."""
+    cpu = args.device == "cpu"
+    small = ["--small"] if args.small else []
+    if name == "build":
+        if cpu:
+            return [PY, "setup.py", "-q", "build_ext", "--inplace"], ""
+        return [PY, "-c", "import os, subprocess, sys; os.environ['VGS_BUILD_EXT'] = '1'; "
+                f"os.environ['TORCH_CUDA_ARCH_LIST'] = '{info.get('capability', '')}'; "
+                "os.environ.setdefault('MAX_JOBS', str(os.cpu_count() or 4)); "
+                "sys.exit(subprocess.call([sys.executable, 'setup.py', '-q', 'build_ext', '--inplace']))"], ""
+    if name == "numerics":
+        cmd = [PY, "-m", "benchmarks.gpu_numerics", "--device", args.device, "--json", str(out / "numerics.json"),
+               *small]
+        return cmd + (["--inject", args.inject] if args.inject in ("exception", "wrong_number", "slab_fallback")
+                      else []), ""
+    if name == "tests":
+        tests = KERNEL_TESTS if not cpu else ["tests/kernels/test_driver.py"]
+        return [PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(["-k", "cuda or triton"] if not cpu
+                                                                           else []), *tests], ""
+    if name == "microbench":
+        return [PY, "-m", "benchmarks.microbench", "--device", args.device, "--json", str(out / "microbench.json"),
+                *small], ""
+    if name == "row_kernels":
+        if cpu:
+            return None, "the Triton tile sweep needs CUDA"
+        return [PY, "-m", "benchmarks.row_kernels", "--json", str(out / "row_kernels.json")], ""
+    if name == "kernels":
+        if cpu:
+            return [PY, "-m", "benchmarks.kernels", "--device", "cpu", "--quick", "--strict", "--no-plots",
+                    "--cases", "vgs:cpu", "std:", "liger", "gemm_floor", "--out-dir", str(out), "--name", "kernels"], ""
+        return [PY, "-m", "benchmarks.kernels", "--device", "cuda", "--bts", "4096", "16384", "--strict",
+                "--cases", "vgs:triton", "vgs:cuda", "std:", "liger", "gemm_floor", "--repeats", "5",
+                "--min-repeats", "3", "--budget", "5", "--no-plots", "--out-dir", str(out), "--name", "kernels",
+                "--note", "make gpu-check"], ""
+    if name == "model":
+        calib = out / "microbench.json"
+        if not calib.exists():
+            return None, "no calibration: the microbench step did not write microbench.json"
+        return [PY, "-m", "benchmarks.gpu_model", "--calibration", str(calib), "--out-dir", str(out),
+                "--name", "gpu_model-calibrated", *(["--rows", "256", "--hs", "64", "--ht", "96", "--vocab", "1000"]
+                                                    if args.small else [])], ""
+    if name == "verl":
+        if not info.get("verl"):
+            return None, "verl is not installed"
+        return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/integrations/test_verl.py"], ""
+    if name == "report":
+        return [PY, "-m", "benchmarks.report", "--gpu-check", str(out)], ""
+    raise ValueError(name)
 
 
 if __name__ == "__main__":

@@ -259,13 +259,14 @@ def _gemm_floor_case(kind: str, chunk_rows: int) -> Case:
 def select_cases(device: torch.device, args) -> tuple[list[Case], dict]:
     """The cases that run here, and {name: reason} for those that do not."""
     import vgs_kernels
+    from vgs_kernels.backends import is_available
 
     cases: list[Case] = []
     skipped: dict[str, str] = {}
     avail = vgs_kernels.backends()
     runnable = []
     for name, status in avail.items():
-        if status != "available":
+        if not is_available(status):
             skipped[f"vgs:{name}"] = status
         elif name == "triton" and device.type != "cuda":
             skipped["vgs:triton"] = "CPU: only the Triton interpreter runs here; the interpreter is not benchmarked"
@@ -362,7 +363,38 @@ def anchor_check(shapes, dtype, device, cases) -> dict:
     return {"bt": 64, "loss": vals, "relative_spread": spread}
 
 
-def run(args) -> dict:
+# time per run relative to the case group's GEMM floor, for the up-front estimate only
+_ESTIMATE_FACTOR = {"vgs": 1.6, "std": 1.4, "liger": 2.0, "torch": 2.5, "floor": 1.0}
+
+
+def _upfront_estimate(cases: list, shapes: dict, dtype, device, args) -> float:
+    """Seconds the run should take before any case runs: each case's GEMM floor at a measured GEMM rate (a
+    [512, H] x [H, V] product here), times a per-group factor, times its runs."""
+    hs, ht, v = shapes["hs"], shapes["ht"], shapes["vocab"]
+    a = torch.randn(512, hs, device=device, dtype=dtype)
+    b = torch.randn(hs, v, device=device, dtype=dtype)
+    C.sync(device)
+    t = time.perf_counter()
+    for _ in range(2):
+        a @ b
+    C.sync(device)
+    rate = 2 * 2 * 512 * hs * v / max(time.perf_counter() - t, 1e-9)
+    total = 0.0
+    for case in cases:
+        group = case.name.split(":")[0] if case.group != "floor" else "floor"
+        for bt in shapes["bts"]:
+            vgs = "vgs" in case.name
+            flops = 2 * bt * v * (2 * hs + 2 * ht) + (4 + 0.3 * 4) * bt * v * hs if vgs else \
+                2 * bt * v * (hs + ht) + 4 * bt * v * hs
+            if case.group == "reference" or case.name.endswith(":reference"):
+                flops *= 2
+            one = flops / rate * _ESTIMATE_FACTOR.get(group, 2.0)
+            total += one * (args.warmup + (0 if args.no_memory else 1) + min(args.repeats, max(
+                args.min_repeats, args.budget / max(one, 1e-9))))
+    return total
+
+
+def run(args, partial_path=None) -> dict:
     global RAM_FRACTION
     RAM_FRACTION = args.ram_fraction
     device = C.pick_device(args.device)
@@ -375,11 +407,30 @@ def run(args) -> dict:
             shapes[key] = getattr(args, key)
     dtype = getattr(torch, shapes["dtype"])
     cases, skipped = select_cases(device, args)
+    est = _upfront_estimate(cases, shapes, dtype, device, args)
+    print(f"# {len(cases)} cases x {len(shapes['bts'])} B*T: expected about {est / 60:.1f} min (a GEMM-rate "
+          "estimate; refined after the first B*T's warm-ups); partial results are written after each B*T", flush=True)
     with C.frozen_heap():
-        return _measure(args, device, shapes, dtype, cases, skipped)
+        doc = _measure(args, device, shapes, dtype, cases, skipped, partial_path)
+    doc["upfront_estimate_s"] = est
+    return doc
 
 
-def _measure(args, device: torch.device, shapes: dict, dtype: torch.dtype, cases: list, skipped: dict) -> dict:
+def _estimate(recs: dict, live: list, bts: list[int], args) -> float:
+    """Seconds the whole run should take, from the first B*T's warm-up runs (each case's time per run scaled
+    linearly in B*T; warm-up, memory and timed runs, at most the per-case budget)."""
+    total = 0.0
+    for case in live:
+        per_run = recs[case.name]["wall_s"] / max(1, args.warmup + (0 if args.no_memory else 1))
+        for bt in bts:
+            t = per_run * bt / bts[0]
+            timed = min(args.repeats * t, max(args.min_repeats * t, args.budget))
+            total += t * (args.warmup + (0 if args.no_memory else 1)) + timed
+    return total
+
+
+def _measure(args, device: torch.device, shapes: dict, dtype: torch.dtype, cases: list, skipped: dict,
+             partial_path=None) -> dict:
     """The results document: per B*T, every case built once, warmed up and measured for memory, then timed
     in interleaved rounds."""
     doc = C.header(device, args, "kernels")
@@ -445,6 +496,13 @@ def _measure(args, device: torch.device, shapes: dict, dtype: torch.dtype, cases
             x.clear_grads()
             C.free_memory(device)
             rec["wall_s"] += time.perf_counter() - t0
+            rec["warmup_s"] = rec["wall_s"]
+            print(f"  B*T={bt:6d} {case.name:22s} built and warmed up in {rec['wall_s']:.1f} s"
+                  + (f" ({rec['status']})" if rec.get("status") else ""), flush=True)
+        if bt == shapes["bts"][0] and live:
+            est = _estimate(recs, live, shapes["bts"], args)
+            doc["estimated_total_s"] = est
+            print(f"# from these warm-ups: about {est / 60:.1f} min for the whole run", flush=True)
         # Phase 2: timed runs, cases interleaved (order reversed every other round) so that load
         # from other work on a shared machine spreads over all cases instead of hitting one.
         times: dict[str, list[float]] = {c.name: [] for c in live}
@@ -468,6 +526,7 @@ def _measure(args, device: torch.device, shapes: dict, dtype: torch.dtype, cases
                 del fn
                 x.clear_grads()
                 rec["wall_s"] += time.perf_counter() - t0
+            print(f"  B*T={bt:6d} timed round {rnd + 1}/{args.repeats} done", flush=True)
         for case in cases:
             rec = recs[case.name]
             t = times.get(case.name)
@@ -487,6 +546,8 @@ def _measure(args, device: torch.device, shapes: dict, dtype: torch.dtype, cases
         fns.clear()
         del x
         C.free_memory(device)
+        if partial_path is not None:  # what is measured so far survives an interrupted run
+            C.write_json(partial_path, {**doc, "partial": True, "done_bt": bt})
     del weights
 
     doc["machine_state_end"] = C.machine_state()
@@ -709,6 +770,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a case errors or runs out of memory, or a "
+                   "binding target is missed (make gpu-check)")
     args = p.parse_args(argv)
     if args.warmup is None:
         args.warmup = 1
@@ -729,17 +792,24 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("# note: TRITON_INTERPRET is set; Triton cases run only on CUDA and are skipped on CPU", flush=True)
     t0 = time.perf_counter()
-    doc = run(args)
-    doc["total_wall_s"] = time.perf_counter() - t0
     from pathlib import Path
 
-    stem = args.name or f"kernels-{doc['device']['slug']}" + ("-quick" if args.quick else "")
+    device = C.pick_device(args.device)
+    stem = args.name or f"kernels-{C.device_info(device)['slug']}" + ("-quick" if args.quick else "")
     path = Path(args.out_dir) / f"{stem}.json"
+    doc = run(args, partial_path=path)
+    doc["total_wall_s"] = time.perf_counter() - t0
     if not args.no_plots:
         doc["plots"] = plots(doc, path.with_suffix(""))
     doc["tables_markdown"] = print_tables(doc)
     C.write_json(path, doc)
     print(f"\nwrote {path}" + (f" and {', '.join(doc.get('plots', []))}" if doc.get("plots") else ""), flush=True)
+    bad = [f"{r['case']} at B*T={r['bt']}: {r['status']}" for r in doc["results"] if r.get("status") in ("error", "oom")]
+    bad += [f"target {t['target']} ({t['backend']}, B*T={t['bt']}): {t['value']:.3f} not {t['bound']}"
+            for t in doc["ratios"]["targets"] if t["binding"] and not t["met"]]
+    if args.strict and bad:
+        print("FAILED (--strict):\n  " + "\n  ".join(bad), file=sys.stderr)
+        return 1
     return 0
 
 

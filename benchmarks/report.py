@@ -39,9 +39,8 @@ def load(results_dir: Path, include_quick: bool) -> list[dict]:
             continue  # not a benchmark result
         if doc.get("quick") and not include_quick:
             continue
-        if doc["benchmark"] == "gpu_model" and path.stem == "gpu_model-before":
-            continue  # shown as the "before" rows of gpu_model.json
         doc["_file"] = path.name
+        doc["_dir"] = str(path.parent)
         docs.append(doc)
     return docs
 
@@ -278,66 +277,76 @@ def cpu_rows_section(doc) -> list[str]:
 # ----------------------------------------------------------------------------- gpu-check
 def gpu_check_section(doc) -> list[str]:
     env = doc.get("environment", {})
-    out = [f"#### gpu-check: {env.get('gpu', '?')} ({doc.get('created_utc', '?')})", "",
-           f"`make gpu-check` on torch {env.get('torch')} (CUDA {env.get('cuda')}), {_ver(doc)}; budget "
-           f"{doc.get('budget_s', '?'):.0f} s.", ""]
-    out.append(C.table([[f"`{r['step']}`", r["status"], "-" if "seconds" not in r else f"{r['seconds']:.0f} s",
-                         (r.get("reason") or "")[:120]] for r in doc.get("steps", [])],
-                       ["step", "status", "time", "note"]))
+    verdict = "passed" if doc.get("passed") else f"FAILED ({', '.join(doc.get('failed', []))})"
+    out = [f"#### gpu-check: {env.get('gpu', '?')} ({doc.get('created_utc', '?')}): {verdict}", "",
+           f"`make gpu-check` on torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton_version')}, "
+           f"{_ver(doc)}; {doc.get('seconds', 0):.0f} s of a {doc.get('budget_s', 0):.0f} s budget.", ""]
+    out.append(C.table([[f"`{r['step']}`", r["status"].upper() if r["status"] not in ("ok", "skipped") else r["status"],
+                         "-" if "seconds" not in r else f"{r['seconds']:.0f} s", (r.get("reason") or "")[:120]]
+                        for r in doc.get("steps", [])], ["step", "status", "time", "note"]))
     out.append("")
-    rk = doc.get("row_kernels") or {}
-    res = [r for r in rk.get("results", []) if "median_ms" in r]
+    folder = Path(doc.get("_dir", "."))
+    num = _read(folder / "numerics.json")
+    if num:
+        res = [r for r in num["results"] if r["check"] == "fused"]
+        out.append(f"Numerics ({num['dtype']}, B*T {num['sizes']['rows']}, V {num['sizes']['vocab']}; relative error "
+                   f"against the fp32 reference, bounds {num['bounds']}): {len(num['results']) - num['failed']}/"
+                   f"{len(num['results'])} checks passed.")
+        out.append("")
+        out.append(C.table([[r["backend"], r["mode"], f"{r['loss_rel']:.1e}", f"{r['grad_hs_rel']:.1e}",
+                             f"{r['grad_hsp_rel']:.1e}", f"{r['grad_w_rel']:.1e}", "ok" if r["ok"] else "FAILED"]
+                            for r in res], ["backend", "mode", "loss", "grad h_s", "grad h_sp", "grad W_s", ""]))
+        out.append("")
+    rk = _read(folder / "row_kernels.json")
+    res = [r for r in (rk or {}).get("results", []) if "median_ms" in r]
     if res:
         out.append(f"Row kernels alone, the pass-1 call on [{rk['rows']}, {rk['vocab']}] bf16 (vocab_size "
                    f"{rk['vocab_size']}), gradients in place; bandwidth = bytes the kernel must move / time:")
         out.append("")
-        out.append(C.table([[f"`{r['kernel']}`", C.fmt_time_n(r["median_ms"] / 1e3, r.get("n")),
-                             f"{r['gb_per_s']:.0f} GB/s"] for r in res], ["kernel", "time", "bandwidth"]))
-        out.append("")
-    cmp_ = doc.get("comparison") or []
-    if cmp_:
-        out.append("Measured against the model with the measured constants (`gpu_model-calibrated-*.json`):")
-        out.append("")
-        out.append(C.table([[f"`{r['case']}`", str(r["rows"]), f"{r['measured_ms']:.1f} ms", f"{r['modelled_ms']:.1f} ms",
-                             f"{r['measured_over_modelled']:.2f}x", C.fmt_bytes(r.get("measured_peak_bytes")),
-                             C.fmt_bytes(r.get("modelled_peak_bytes"))] for r in cmp_],
-                           ["case", "B*T", "measured", "modelled", "measured / modelled", "measured peak",
-                            "modelled peak"]))
+        out.append(C.table([[f"`{r['kernel']}`", "default" if r["config"] is None else f"{r['config'][1]} x "
+                             f"{r['config'][0]} threads", f"{r['median_ms']:.3f} ms", f"{r['gb_per_s']:.0f} GB/s"]
+                            for r in res], ["kernel", "tile", "time", "bandwidth"]))
         out.append("")
     return out
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------- gpu model
 def gpu_model_section(doc) -> list[str]:
     k = doc.get("constants", {})
     sh = doc.get("shapes", {})
-    calibrated = doc.get("_file", "").startswith("gpu_model-calibrated")
-    title = f"GPU cost model, constants measured on {doc['_file'][len('gpu_model-calibrated-'):-5]}" if calibrated \
-        else "GPU cost model (no GPU)"
+    calibrated = bool(k.get("calibrated_from"))
+    title = f"GPU cost model, constants measured on {k.get('device')}" if calibrated else "GPU cost model (no GPU)"
     out = [f"#### {title} ({doc.get('created_utc', '?')})", "",
            f"`python -m benchmarks.gpu_model`: the real host code on fake tensors, {sh.get('dtype')}, V = "
            f"{sh.get('vocab')} (vocab_size {sh.get('vocab_size')}), H_student = {sh.get('hidden_student')}, "
            f"H_teacher = {sh.get('hidden_teacher')}; a modelled {k.get('device', 'GPU')}: GEMMs at "
-           f"{k.get('gemm_tflops')} TFLOP/s, other kernels at {k.get('hbm_tbps')} TB/s, {k.get('launch_us')} us per "
-           f"launch, chunk budget from {k.get('free_fraction', 0) * k.get('device_memory_gib', 0):.0f} GiB free "
-           f"(`benchmarks/results/{doc['_file']}`; {_ver(doc)}). GEMM floor: the loss's minimal GEMM FLOPs at the "
-           "same rate. Liger traced eagerly (unfused elementwise ops). \"before\": the model run on "
-           f"{((doc.get('before') or {}).get('git_commit')) or 'the previous code'}.", ""]
+           f"{k.get('gemm_tflops')} TFLOP/s peak with wave and split-K efficiency, {k.get('hbm_tbps')} TB/s, "
+           f"{k.get('sms')} SMs at {k.get('clock_ghz')} GHz for the row kernels' instruction issue, "
+           f"{k.get('launch_us')} us per launch, {k.get('sync_us')} us per host sync "
+           f"(`{doc['_file']}`; {_ver(doc)}). GEMM floor: the loss's minimal GEMM FLOPs at the peak rate. "
+           "Liger: `LigerFusedLinearJSD` (beta = 1) as it runs on Hopper, its Triton JSD kernel counted like ours; "
+           "the like-for-like pair is `standard` against `liger_jsd`.", ""]
     cases = doc.get("cases", [])
-    before = (doc.get("before") or {}).get("cases") or []
     liger = {c["rows"]: c for c in cases if c["name"] == "liger_jsd"}
     rows = []
-    for tag, group in (("", cases), ("before: ", before)):
-        for c in group:
-            lg = liger.get(c["rows"])
-            rows.append([f"{tag}`{c['name']}`", str(c["rows"]), str(c.get("chunk_rows")),
-                         f"{c['gemm_floor_ms']:.1f} ms", f"{c['modelled_ms']:.1f} ms",
-                         f"{c['ratio_to_gemm_floor']:.2f}x", C.fmt_bytes(c["peak_temp_bytes"]),
-                         "-" if lg is None or c["name"] == "liger_jsd" else
-                         f"{c['peak_temp_bytes'] / lg['peak_temp_bytes']:.2f}x",
-                         str(c["weight_sized_temporaries"])])
+    for c in cases:
+        lg = liger.get(c["rows"])
+        rows.append([f"`{c['name']}`", str(c["rows"]), str(c.get("chunk_rows")), f"{c['gemm_floor_ms']:.1f} ms",
+                     f"{c['modelled_ms']:.1f} ms", f"{c['ratio_to_gemm_floor']:.2f}x",
+                     "-" if lg is None or c["name"] == "liger_jsd" else f"{c['modelled_ms'] / lg['modelled_ms']:.2f}x",
+                     f"{c.get('row_kernel_ms', 0):.1f} / {c.get('issue_bound_ms', 0):.1f} ms",
+                     f"{c.get('row_kernel_regs', '-')} / {c.get('row_kernel_spill_bytes', '-')}",
+                     C.fmt_bytes(c["peak_temp_bytes"]), str(c["weight_sized_temporaries"])])
     out.append(C.table(rows, ["case", "B*T", "chunk rows", "GEMM floor", "modelled", "modelled / floor",
-                              "peak temporaries", "peak / Liger's", "fp32 [V, H] tensors"]))
+                              "time / Liger's", "row kernels / issue bound", "row kernel regs / stack B",
+                              "peak temporaries", "fp32 [V, H] tensors"]))
     out.append("")
     return out
 
@@ -400,7 +409,13 @@ def main(argv=None) -> int:
     p.add_argument("--results-dir", default=str(C.RESULTS_DIR))
     p.add_argument("--include-quick", action="store_true")
     p.add_argument("--readme", help="file whose text between the benchmark markers is replaced")
+    p.add_argument("--gpu-check", metavar="DIR", help="render a gpu-check folder's results into DIR/report.md")
     args = p.parse_args(argv)
+    if args.gpu_check:
+        text = render(load(Path(args.gpu_check), True))
+        (Path(args.gpu_check) / "report.md").write_text(text)
+        print(text)
+        return 0
     text = render(load(Path(args.results_dir), args.include_quick))
     if args.readme:
         path = Path(args.readme)

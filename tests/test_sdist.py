@@ -66,7 +66,7 @@ def test_wheel_built_from_the_sdist_has_the_extension(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(site))
     out = _run([sys.executable, "-c", probe], cwd=tmp_path, env=env, timeout=300).stdout.splitlines()
     assert out[0] == str((site / "vgs_kernels").resolve()), out  # the fresh install, not this checkout
-    assert out[1] == "available", out
+    assert out[1].startswith("available"), out
     assert out[2].startswith("built: vgs_kernels._C"), out
 
 

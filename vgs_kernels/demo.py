@@ -14,6 +14,7 @@ import time
 import torch
 
 from . import backends, fused_linear_vgs_loss
+from .backends import is_available
 
 
 def _largest_allocation(fn) -> tuple[float, int]:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     print("metrics: " + ", ".join(f"{k}={val:.4f}" for k, val in out.metrics.items()))
     print(f"loss={out.loss.item():.5f}\n")
 
-    available = [k for k, s in backends().items() if s == "available" and k != "cuda"]
+    available = [k for k, s in backends().items() if is_available(s) and k != "cuda"]
     print(f"{'backend':<10} {'fwd+bwd (s)':>12} {'largest tensor (MiB)':>22} {'loss':>10}")
     for name in available:
         if name == "triton":
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             largest = max(largest, big)
         times.sort()
         print(f"{name:<10} {times[len(times) // 2]:>12.3f} {largest / 2**20:>22.1f} {loss:>10.5f}")
-    skipped = {k: s for k, s in backends().items() if s != "available"}
+    skipped = {k: s for k, s in backends().items() if not is_available(s)}
     if skipped:
         print("\nnot available here: " + "; ".join(f"{k}: {s}" for k, s in skipped.items()))
 

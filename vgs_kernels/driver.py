@@ -41,6 +41,7 @@ from typing import Protocol
 
 import torch
 
+from . import hooks
 from .options import VGSOptions
 from .threshold import gate_and_ramp, quantiles
 
@@ -220,6 +221,8 @@ def run_vgs(
     stats = torch.empty(n, 4, device=device)
     try:
         for a, b in _chunks(n, chunk_size):
+            if hooks.active():
+                hooks.emit("chunk", pass_=1, rows=b - a, chunk_size=chunk_size)
             rows = slice(a, b) if all_rows else valid_idx[a:b]
             zs, zsp, zt, ztp = source.logits(rows, STREAMS)
             g_s = source.grad_buffer("s", zs) if want_s else None
@@ -227,8 +230,8 @@ def run_vgs(
             c = kernel_coef1[a:b]
             grads = [g for g in (g_s, g_sp) if g is not None]
             scale = grad_scale(c, grads[0].dtype) if grads else 1.0
-            stats[a:b] = rows_fn(
-                zs, zsp, zt, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
+            stats[a:b] = _call_rows(
+                rows_fn, zs, zsp, zt, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
                 detach_target_prior=opts.detach_target_prior, grad_zs=g_s, grad_zsp=g_sp, vocab=source.vocab,
             )
             parts = [GradPart(rows, "s", g_s)] if g_s is not None else []
@@ -271,6 +274,16 @@ def run_vgs(
     return DriverResult(loss=loss, stats=stats, gate=gate, ramp=ramp, theta=theta, per_row=terms.sum(1))
 
 
+def _call_rows(rows_fn, zs, zsp, zt, ztp, coef, **kw) -> torch.Tensor:
+    """``rows_fn`` on one chunk, reported to ``vgs_kernels.hooks`` (when observed)."""
+    if hooks.active():
+        two = zs is zsp and zt is ztp
+        hooks.emit("rows", backend=getattr(rows_fn, "__module__", "?").rsplit(".", 1)[-1], rows=zs.shape[0],
+                   width=zs.shape[1], vocab=kw.get("vocab"), dtype=str(zs.dtype), streams=2 if two else 4,
+                   grads=sum(kw.get(k) is not None for k in ("grad_zs", "grad_zsp")))
+    return rows_fn(zs, zsp, zt, ztp, coef, **kw)
+
+
 def _running_threshold(vds_so_far: torch.Tensor, opts: VGSOptions) -> float:
     """The gate threshold predicted from this rank's VDS values seen so far (the fixed one if given)."""
     if opts.threshold is not None:
@@ -295,6 +308,8 @@ def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size) -> None:
     idx_all = valid_idx[rows]
     coef2 = coef2[rows]
     for a, b in _chunks(rows.numel(), chunk_size):
+        if hooks.active():
+            hooks.emit("chunk", pass_=2, rows=b - a, chunk_size=chunk_size)
         idx = idx_all[a:b]
         if lang_only:
             # KL(p'||q') is the 'std' KL of the row function fed (zsp, ztp) as (zs, zt).
@@ -302,8 +317,8 @@ def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size) -> None:
             g = source.grad_buffer("sp", zsp)
             c = coef2[a:b, [2, 0, 0]]  # c_std := c_lang, c_vis = c_lang' = 0
             scale = grad_scale(c, g.dtype)
-            rows_fn(zsp, zsp, ztp, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
-                    detach_target_prior=True, grad_zs=g, grad_zsp=None, vocab=source.vocab)
+            _call_rows(rows_fn, zsp, zsp, ztp, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
+                       detach_target_prior=True, grad_zs=g, grad_zsp=None, vocab=source.vocab)
             source.backward([GradPart(idx, "sp", g)], scale)
             continue
         needs_sp = want_sp and (bool((coef2[a:b, 2] != 0).any()) or not opts.detach_target_prior)
@@ -314,8 +329,8 @@ def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size) -> None:
         g_sp = source.grad_buffer("sp", zsp) if needs_sp else None
         c = coef2[a:b]
         scale = grad_scale(c, (g_s if g_s is not None else g_sp).dtype)
-        rows_fn(zs, zsp, zt, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
-                detach_target_prior=opts.detach_target_prior, grad_zs=g_s, grad_zsp=g_sp, vocab=source.vocab)
+        _call_rows(rows_fn, zs, zsp, zt, ztp, c * scale if scale != 1.0 else c, temperature=opts.temperature,
+                   detach_target_prior=opts.detach_target_prior, grad_zs=g_s, grad_zsp=g_sp, vocab=source.vocab)
         source.backward([GradPart(idx, k, g) for k, g in (("s", g_s), ("sp", g_sp)) if g is not None], scale)
 
 
@@ -398,7 +413,9 @@ class LinearSource:
         self.bias = {"s": bs_v, "sp": bs_v, "t": bt_v, "tp": bt_v}
         self.student_weight, self.student_bias = ws, bs
         self.grad_hidden: dict[str, torch.Tensor] = {}
-        self.grad_weight = torch.zeros(ws.shape, device=ws.device) if need_w else None
+        # the first weight-gradient GEMM writes the accumulator (beta = 0): no [V, H] zero fill, no first read
+        self._grad_weight = torch.empty(ws.shape, device=ws.device) if need_w else None
+        self._weight_written = False
         self.grad_bias = torch.zeros(bs.shape, device=bs.device) if need_b else None
         self._work: dict[str, torch.Tensor] = {}  # stream -> [capacity, width] logits buffer
         self._current: dict[str, torch.Tensor] = {}  # stream -> the current chunk's view of it
@@ -485,10 +502,22 @@ class LinearSource:
                     gh[part.rows].add_(gh_all[a - lo:b - lo], alpha=alpha)
                 else:
                     gh.index_add_(0, part.rows, gh_all[a - lo:b - lo], alpha=alpha)
-        if self.grad_weight is not None:
-            accumulate_mm(self.grad_weight[: self.width], grad.t(), hidden, alpha)
+        if self._grad_weight is not None:
+            accumulate_mm(self._grad_weight[: self.width], grad.t(), hidden, alpha, beta=float(self._weight_written))
+            self._weight_written = True
         if self.grad_bias is not None:
             self.grad_bias[: self.width].add_(grad.sum(0, dtype=torch.float32), alpha=alpha)
+
+    @property
+    def grad_weight(self) -> torch.Tensor | None:
+        """The fp32 [V, H] weight gradient (rows [width, V), and everything when no GEMM ran, zero)."""
+        if self._grad_weight is not None:
+            if not self._weight_written:
+                self._grad_weight.zero_()
+                self._weight_written = True
+            elif self.width < self._grad_weight.shape[0]:
+                self._grad_weight[self.width:].zero_()
+        return self._grad_weight
 
     def release(self):
         self._work.clear()
@@ -513,47 +542,61 @@ def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float() @ b.float()
 
 
-def accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0) -> None:
-    """``out += alpha * (a @ b)`` in place, for the fp32 (fp64) weight gradient ``out`` [V, H] and
-    the chunk's operands ``a`` [V, chunk] (the logit gradient, transposed) and ``b`` [chunk, H].
+def accumulate_mm(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float = 1.0, beta: float = 1.0) -> None:
+    """``out = beta * out + alpha * (a @ b)`` in place (``beta`` 1: accumulate; 0: write, ``out`` not read,
+    whatever it holds), for the fp32 (fp64) weight gradient ``out`` [V, H] and the chunk's operands ``a``
+    [V, chunk] (the logit gradient, transposed) and ``b`` [chunk, H].
 
     No [V, H]-sized temporary: operands of ``out``'s dtype go to ``addmm_``; bf16/fp16 operands on
     CUDA to ``torch.addmm(out, a, b, out_dtype=torch.float32, out=out)`` (tensor cores, fp32
     accumulation; on a torch whose addmm refuses an fp32 ``out`` with bf16/fp16 operands -- before
-    2.10 -- in slabs of ``ACCUMULATE_SLAB_ROWS`` rows through ``torch.mm(out_dtype=torch.float32)``);
-    on the CPU both (chunk-sized) operands are upcast to fp32 for ``addmm_``.
+    2.10 -- or with ``ADDMM_FP32_OUT = False``, in slabs of ``ACCUMULATE_SLAB_ROWS`` rows through
+    ``torch.mm(out_dtype=torch.float32)``); on the CPU both (chunk-sized) operands are upcast to fp32 for
+    ``addmm_`` (or slabs with ``ADDMM_FP32_OUT = False``). Reports the path taken to ``vgs_kernels.hooks``.
     """
+    low = (torch.bfloat16, torch.float16)
     if a.dtype == out.dtype and b.dtype == out.dtype:
-        out.addmm_(a, b, alpha=alpha)
-    elif on_gpu(out) and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
-        _addmm_low_precision_fp32_out(out, a, b, alpha)
+        path = "addmm"
+        out.addmm_(a, b, alpha=alpha, beta=beta)
+    elif a.dtype == b.dtype and a.dtype in low and (on_gpu(out) or ADDMM_FP32_OUT is False):
+        path = _addmm_low_precision_fp32_out(out, a, b, alpha, beta)
     else:
-        out.addmm_(a.to(out.dtype), b.to(out.dtype), alpha=alpha)
+        path = "upcast"
+        out.addmm_(a.to(out.dtype), b.to(out.dtype), alpha=alpha, beta=beta)
+    if hooks.active():
+        hooks.emit("accumulate", path=path, shape=tuple(out.shape), k=a.shape[1], dtype=str(a.dtype), beta=beta)
 
 
 # Rows of ``out`` per slab in accumulate_mm's fallback (an fp32 [slab, H] temporary: 64 MiB at H = 2048).
 ACCUMULATE_SLAB_ROWS = 8192
-# Whether torch.addmm(out_fp32, a_bf16, b_bf16, out_dtype=torch.float32, out=out_fp32) works here
-# (torch >= 2.10): None until the first call.
-_addmm_fp32_out_ok: bool | None = None
+# Whether torch.addmm(out_fp32, a_bf16, b_bf16, out_dtype=torch.float32, out=out_fp32) is used (torch >= 2.10
+# on CUDA): None until the first call tries it, then True or False; set False to force the slab fallback
+# (also on the CPU, with bf16 / fp16 operands: how the checks exercise it without a GPU).
+ADDMM_FP32_OUT: bool | None = None
 
 
-def _addmm_low_precision_fp32_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> None:
-    global _addmm_fp32_out_ok
-    if _addmm_fp32_out_ok is not False:
+def _addmm_low_precision_fp32_out(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
+                                  beta: float = 1.0) -> str:
+    """The bf16 / fp16 accumulation of ``accumulate_mm``; returns the path taken."""
+    global ADDMM_FP32_OUT
+    if ADDMM_FP32_OUT is not False:
         try:
-            torch.addmm(out, a, b, out_dtype=torch.float32, alpha=alpha, out=out)
+            torch.addmm(out, a, b, out_dtype=torch.float32, alpha=alpha, beta=beta, out=out)
         except (TypeError, RuntimeError) as exc:
             # once the overload has worked, or when out of memory, a failure is a real error
-            if _addmm_fp32_out_ok or isinstance(exc, torch.cuda.OutOfMemoryError):
+            if ADDMM_FP32_OUT or isinstance(exc, torch.cuda.OutOfMemoryError):
                 raise
-            _addmm_fp32_out_ok = False
+            ADDMM_FP32_OUT = False
         else:
-            _addmm_fp32_out_ok = True
-            return
+            ADDMM_FP32_OUT = True
+            return "addmm_fp32_out"
     for r0 in range(0, out.shape[0], ACCUMULATE_SLAB_ROWS):
         r1 = min(r0 + ACCUMULATE_SLAB_ROWS, out.shape[0])
-        out[r0:r1].add_(_mm_low_precision_fp32_out(a[r0:r1], b), alpha=alpha)
+        if beta == 0:
+            torch.mul(_mm_low_precision_fp32_out(a[r0:r1], b), alpha, out=out[r0:r1])
+        else:
+            out[r0:r1].add_(_mm_low_precision_fp32_out(a[r0:r1], b), alpha=alpha)
+    return "slabs"
 
 
 # Whether torch.mm(..., out_dtype=) works here (torch >= 2.8): None until the first call.
@@ -589,13 +632,17 @@ CHUNK_ROW_MULTIPLE = 128  # GEMM-friendly row counts once chunks are at least 2x
 
 def on_gpu(x: torch.Tensor | torch.device) -> bool:
     """Whether a tensor (or device) is on a CUDA device: tensor-core GEMMs with fp32 outputs, a
-    chunk budget from free memory. (``benchmarks.gpu_model`` substitutes it: its fake tensors stand
-    for CUDA tensors.)"""
+    chunk budget from free memory (always True inside ``hooks.simulate_gpu``)."""
+    if hooks.simulated_free_bytes() is not None:
+        return True
     return (x.type if isinstance(x, torch.device) else x.device.type) == "cuda"
 
 
 def free_device_memory(device: torch.device) -> int:
-    """Free bytes on a CUDA device (``benchmarks.gpu_model`` substitutes its modelled device's)."""
+    """Free bytes on a CUDA device (``hooks.simulate_gpu``'s inside it)."""
+    simulated = hooks.simulated_free_bytes()
+    if simulated is not None:
+        return simulated
     free, _ = torch.cuda.mem_get_info(device)
     return int(free)
 

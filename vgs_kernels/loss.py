@@ -286,6 +286,14 @@ def fused_linear_vgs_loss(
     return _output(result, valid_idx, lead, opts, text)
 
 
+def _scaled(grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    """``grad * upstream``; ``grad`` itself when the upstream gradient is the scalar 1 (the loss is the final
+    one: one host sync saves a pass over a weight-sized gradient)."""
+    if upstream.numel() == 1 and bool(upstream == 1):
+        return grad
+    return grad * upstream.to(grad.dtype)
+
+
 class _LogitsFunction(torch.autograd.Function):
     """Loss and logit gradients in one forward (the gradients are analytic, no graph over V)."""
 
@@ -318,7 +326,7 @@ class _LogitsFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         saved = iter(ctx.saved_tensors)
         upstream = grad_loss.unsqueeze(-1) if ctx.per_token else grad_loss
-        out = [(g := next(saved)) * upstream.to(g.dtype) if has else None for has in ctx.has]
+        out = [_scaled(next(saved), upstream) if has else None for has in ctx.has]
         return (*out, None, None, None, None, None, None, None, None, None)
 
 
@@ -356,7 +364,7 @@ class _LinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         saved = iter(ctx.saved_tensors)
-        out = [(g := next(saved)) * grad_loss.to(g.dtype) if has else None for has in ctx.has]
+        out = [_scaled(next(saved), grad_loss) if has else None for has in ctx.has]
         return (*out, None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 

@@ -59,11 +59,18 @@ def _interpreting_triton() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def backend_params(names=("torch", "cpu", "triton")):
+    """pytest params of the row backends ``names`` on CPU tensors (Triton in its interpreter), each skipped
+    with the reason when it is unavailable here."""
+    return [pytest.param(device_name[1], id=device_name[1], marks=p.marks)
+            for p in row_cases(cpu=names, cuda=()) for device_name in [p.values]]
+
+
 def row_cases(cpu=("torch", "cpu"), cuda=("torch", "triton", "cuda")):
     """pytest params (device, backend) of the row backends: the CPU ones, and on a machine with a GPU
     the CUDA ones (``triton`` compiled: run the session with ``VGS_TRITON_TEST_DEVICE=cuda``, as
     ``make gpu-check`` does, else Triton interprets and is skipped here)."""
-    from vgs_kernels import backends
+    from vgs_kernels.backends import backends, is_available
 
     status = backends()
     out = []
@@ -72,7 +79,7 @@ def row_cases(cpu=("torch", "cpu"), cuda=("torch", "triton", "cuda")):
             why = None
             if device == "cuda" and not torch.cuda.is_available():
                 why = "no CUDA device"
-            elif status.get(name) != "available":
+            elif not is_available(status.get(name, "")):
                 why = f"{name}: {status.get(name)}"
             elif name == "triton" and device == "cuda" and _interpreting_triton():
                 why = "Triton is interpreting (TRITON_INTERPRET=1); compiled Triton: VGS_TRITON_TEST_DEVICE=cuda"

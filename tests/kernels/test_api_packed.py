@@ -11,14 +11,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import assert_close, random_logits
+from helpers import assert_close, backend_params, random_logits
 
-from vgs_kernels import backends, fused_linear_vgs_loss, vds_threshold, vgs_loss
+from vgs_kernels import fused_linear_vgs_loss, vds_threshold, vgs_loss
 
-ROW_BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(backends()[name] != "available", reason=f"{name}: {backends()[name]}"))
-    for name in ("torch", "cpu", "triton")
-]
+ROW_BACKENDS = backend_params(("torch", "cpu", "triton"))
 LENGTHS = [3, 0, 5, 1]  # an empty sequence among them
 T = max(LENGTHS)
 

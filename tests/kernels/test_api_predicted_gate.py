@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, backend_params
 
-from vgs_kernels import backends, fused_linear_vgs_loss, vgs_loss
+from vgs_kernels import fused_linear_vgs_loss, vgs_loss
 
-ROW_BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(backends()[name] != "available", reason=f"{name}: {backends()[name]}"))
-    for name in ("torch", "cpu")
-]
+ROW_BACKENDS = backend_params(("torch", "cpu"))
 KW = dict(mode="vgs", alpha=2.0, beta=0.5, gamma=0.41)  # a large beta: the language term shows
 TOL = (1e-4, 1e-5)
 N_SEQ, T = 4, 30

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import MODES, assert_close, ragged_mask, random_logits
+from helpers import MODES, assert_close, backend_params, ragged_mask, random_logits
 
-from vgs_kernels import VGSLoss, backends, fused_linear_vgs_loss, vgs_loss
+from vgs_kernels import VGSLoss, fused_linear_vgs_loss, vgs_loss
 
 ALPHA, BETA, GAMMA = 1.5, 0.3, 0.7  # beta large enough that a wrong gate shows in the loss
 KW = dict(alpha=ALPHA, beta=BETA, gamma=GAMMA, temperature=0.9)
-ROW_BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(backends()[name] != "available", reason=f"{name}: {backends()[name]}"))
-    for name in ("torch", "cpu", "triton")
-]
+ROW_BACKENDS = backend_params(("torch", "cpu", "triton"))
 TOL = (2e-5, 2e-5)
 
 

@@ -12,12 +12,12 @@ import torch
 from helpers import assert_close
 
 from vgs_kernels import backends
-from vgs_kernels.backends import resolve, torch_rows
+from vgs_kernels.backends import is_available, resolve, torch_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 CPU_STATUS = backends()["cpu"]
 needs_ext = pytest.mark.skipif(
-    CPU_STATUS != "available",
+    not is_available(CPU_STATUS),
     reason=f"cpu backend {CPU_STATUS}; build it with `pip install --no-build-isolation -e .`",
 )
 

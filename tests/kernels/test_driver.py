@@ -97,7 +97,7 @@ def _mm_with_out_dtype(a, b, out_dtype=None):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_addmm_refusing_fp32_out_falls_back_to_bounded_slabs(monkeypatch, dtype):
-    monkeypatch.setattr(driver, "_addmm_fp32_out_ok", None)
+    monkeypatch.setattr(driver, "ADDMM_FP32_OUT", None)
     monkeypatch.setattr(driver, "_mm_out_dtype_ok", None)
     monkeypatch.setattr(driver, "ACCUMULATE_SLAB_ROWS", 4)
     old = _OldAddmm()
@@ -115,19 +115,19 @@ def test_addmm_refusing_fp32_out_falls_back_to_bounded_slabs(monkeypatch, dtype)
 
 
 def test_addmm_with_fp32_out_is_used_in_place(monkeypatch):
-    monkeypatch.setattr(driver, "_addmm_fp32_out_ok", None)
+    monkeypatch.setattr(driver, "ADDMM_FP32_OUT", None)
     calls = []
 
-    def addmm(self, a, b, *, out_dtype=None, alpha=1.0, out=None):
+    def addmm(self, a, b, *, out_dtype=None, alpha=1.0, beta=1.0, out=None):
         calls.append((out_dtype, out is self))
-        return out.add_(a.float() @ b.float(), alpha=alpha)
+        return out.mul_(beta).add_(a.float() @ b.float(), alpha=alpha)
 
     monkeypatch.setattr(torch, "addmm", addmm)
     a, b = _operands()
     out = torch.zeros(6, 7)
     driver._addmm_low_precision_fp32_out(out, a, b, 2.0)
     torch.testing.assert_close(out, 2.0 * (a.float() @ b.float()))
-    assert calls == [(torch.float32, True)] and driver._addmm_fp32_out_ok is True
+    assert calls == [(torch.float32, True)] and driver.ADDMM_FP32_OUT is True
 
 
 def test_cpu_accumulate_never_forms_an_out_sized_temporary():
@@ -163,6 +163,26 @@ def test_cuda_accumulate_is_in_place_and_fp32_accurate(dtype):
     out = torch.randn(300, 40, generator=g).cuda()
     want = out.cpu() + 0.5 * (a.to(dtype).float() @ b.to(dtype).float())
     ptr = out.data_ptr()
-    driver.accumulate_mm(out, a.to(dtype).cuda(), b.to(dtype).cuda(), 0.5)
+    from vgs_kernels import hooks
+
+    with hooks.observe(rec := hooks.Recorder()):
+        driver.accumulate_mm(out, a.to(dtype).cuda(), b.to(dtype).cuda(), 0.5)
     assert out.data_ptr() == ptr and out.dtype == torch.float32
     torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-4)
+    # torch >= 2.10 accumulates in place in one GEMM; the slab fallback is for older torches only
+    paths = [e["path"] for e in rec.of("accumulate")]
+    want_path = "addmm_fp32_out" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 10) else "slabs"
+    assert paths == [want_path], paths
+
+
+def test_forced_slab_fallback_on_the_cpu_is_reported(monkeypatch):
+    from vgs_kernels import hooks
+
+    monkeypatch.setattr(driver, "ADDMM_FP32_OUT", False)
+    monkeypatch.setattr(driver, "ACCUMULATE_SLAB_ROWS", 4)
+    a, b = _operands()
+    out = torch.zeros(6, 7)
+    with hooks.observe(rec := hooks.Recorder()):
+        driver.accumulate_mm(out, a, b, 2.0)
+    torch.testing.assert_close(out, 2.0 * (a.float() @ b.float()))
+    assert [e["path"] for e in rec.of("accumulate")] == ["slabs"]

@@ -9,18 +9,13 @@ N = 4096 rows against the reference computed in fp64 on the same (fp16-valued) i
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, row_cases
 
-from vgs_kernels import backends, driver, fused_linear_vgs_loss
+from vgs_kernels import driver, fused_linear_vgs_loss
 
 ROWS_B, ROWS_T = 8, 512  # N = 4096 response tokens, 512 per sequence: coefficients ~1/4096
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 # row backends per device: the Triton interpreter is too slow for 4096 rows, so triton runs on CUDA only
-CASES = [
-    pytest.param(dev, name, marks=pytest.mark.skipif(backends()[name] != "available",
-                                                     reason=f"{name}: {backends()[name]}"))
-    for dev in DEVICES for name in (("torch", "cpu") if dev == "cpu" else ("torch", "triton", "cuda"))
-]
+CASES = row_cases(cpu=("torch", "cpu"), cuda=("torch", "triton", "cuda"))
 
 
 def _inputs(device, seed=0, V=256, hs=32, ht=48):

@@ -5,15 +5,12 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close, ragged_mask, random_logits
+from helpers import assert_close, backend_params, ragged_mask, random_logits
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from vgs_kernels import VGSLoss, backends, fused_linear_vgs_loss, vgs_loss
+from vgs_kernels import VGSLoss, fused_linear_vgs_loss, vgs_loss
 
-BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(backends()[name] != "available", reason=f"{name}: {backends()[name]}"))
-    for name in ("reference", "torch", "cpu", "triton")
-]
+BACKENDS = backend_params(("reference", "torch", "cpu", "triton"))
 TEXT_METRICS = ("vis", "lang", "vds", "gate_fraction", "threshold")
 
 

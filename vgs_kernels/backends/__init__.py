@@ -14,6 +14,13 @@ from dataclasses import dataclass
 import torch
 
 NAMES = ("auto", "reference", "torch", "triton", "cpu", "cuda")
+# What ``auto`` tries on CUDA tensors, first available first. Triton before the CUDA kernel: both move the
+# same bytes per row (memory-bound on H100 / H200 in the cost model), and compiled for sm_90 the Triton kernel
+# issues fewer instructions per logit (pass A 50 vs 64, pass B 42 vs 86; 79 vs 80 registers, no spills:
+# ``python -m benchmarks.sass``, the CUDA kernel's SASS from nvcc). ``make gpu-check``'s row_kernels step
+# measures both and says when a measurement disagrees with this order.
+CUDA_ORDER = ("triton", "cuda", "torch")
+CPU_ORDER = ("cpu", "torch")
 
 
 @dataclass(frozen=True)
@@ -69,8 +76,11 @@ def _load(name: str) -> Backend | str:
 
 
 def backends() -> dict[str, str]:
-    """Every backend name -> "available" or the reason it is not (e.g. extension not built)."""
-    out = {"reference": "available"}
+    """Every backend name -> "available: <what it is, and whether auto picks it>" or "unavailable (<why>)"
+    (e.g. the extension not built). ``is_available(status)`` tells the two apart."""
+    out = {"reference": "available: materialised PyTorch with autograd (never picked by auto)"}
+    auto = {dev: next((n for n in order if _usable(n, dev)), None) for dev, order in (("cuda", CUDA_ORDER),
+                                                                                      ("cpu", CPU_ORDER))}
     for name in _LOADERS:
         loaded = _load(name)
         if isinstance(loaded, str):
@@ -78,21 +88,52 @@ def backends() -> dict[str, str]:
         elif name == "cuda" and not torch.cuda.is_available():
             out[name] = "unavailable (no CUDA device)"
         else:
-            out[name] = "available"
+            picked = [dev for dev, n in auto.items() if n == name]
+            out[name] = f"available: {_DESCRIBE[name]()}" + (
+                f"; auto picks it for {' and '.join(picked).upper()} tensors" if picked else "")
     return out
 
 
-def resolve(name: str, device: torch.device) -> Backend | None:
-    """The backend to run on ``device`` for the name the caller gave; None means ``reference``.
+def is_available(status: str) -> bool:
+    """Whether a ``backends()`` status says available."""
+    return status.startswith("available")
+
+
+def _usable(name: str, device: str) -> bool:
+    loaded = _load(name)
+    return not isinstance(loaded, str) and device in loaded.devices and (device != "cuda" or torch.cuda.is_available())
+
+
+def _cpu_kernel() -> str:
+    from . import extension
+
+    return f"C++ row kernel, {extension.CPU_ISA} variant"
+
+
+_DESCRIBE = {
+    "torch": lambda: "chunked PyTorch",
+    "triton": lambda: "Triton row kernel" + ("" if "cuda" in _load("triton").devices else " (interpreter)"),
+    "cpu": _cpu_kernel,
+    "cuda": lambda: "CUDA row kernel",
+}
+
+
+def resolve(name: str | Backend, device: torch.device) -> Backend | None:
+    """The backend to run on ``device`` for the name the caller gave (or the caller's own ``Backend``: a
+    row function following the contract of ``torch_rows``); None means ``reference``.
 
     Raises ValueError for unknown names and for backends unavailable here or on that device.
     """
+    if isinstance(name, Backend):
+        if device.type not in name.devices:
+            raise ValueError(f"backend {name.name!r} runs on {name.devices} tensors, got tensors on {device}")
+        return name
     if name not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {name!r}")
     if name == "reference":
         return None
     if name == "auto":
-        order = ("triton", "cuda", "torch") if device.type == "cuda" else ("cpu", "torch")
+        order = CUDA_ORDER if device.type == "cuda" else CPU_ORDER
         for candidate in order:
             loaded = _load(candidate)
             if not isinstance(loaded, str) and device.type in loaded.devices:
@@ -100,7 +141,7 @@ def resolve(name: str, device: torch.device) -> Backend | None:
         raise ValueError(f"no backend runs on {device}; backends: {backends()}")
     loaded = _load(name)
     if isinstance(loaded, str):
-        avail = [k for k, v in backends().items() if v == "available"]
+        avail = [k for k, v in backends().items() if is_available(v)]
         raise ValueError(
             f"backend={name!r} is unavailable: {loaded}. Available backends: {avail}"
         )

@@ -12,19 +12,14 @@ import re
 
 import pytest
 import torch
-from helpers import assert_close
-
-from vgs_kernels import backends
+from helpers import assert_close, backend_params
 
 core_algos = pytest.importorskip("verl.trainer.ppo.core_algos", reason="verl is not installed (make install adds it)")
 from vgs_kernels.integrations.verl import vgs_distillation_loss  # noqa: E402
 
 agg_loss = core_algos.agg_loss
 VERL_MODES = sorted(set(re.findall(r'"((?:token|seq)-[a-z-]+)"', inspect.getsource(agg_loss))))
-ROW_BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(backends()[name] != "available", reason=f"{name}: {backends()[name]}"))
-    for name in ("torch", "cpu", "triton")
-]
+ROW_BACKENDS = backend_params(("torch", "cpu", "triton"))
 LENGTHS = [3, 0, 5, 2]
 WIDTH = 7  # verl pads responses to the batch's response length
 KW = dict(alpha=1.5, beta=0.3, gamma=0.6, temperature=0.8)
