@@ -24,15 +24,18 @@ install: $(PY)
 demo: install
 	$(PY) -m vgs_train.demo
 
-# verl for tests/kernels/integrations/test_verl.py, which checks the adapter against verl's own agg_loss: the
-# package without its dependencies (verl 0.9 pins transformers<5.11 and pulls ray[default], wandb, CUDA extras)
-# plus what importing its loss code needs, pinned to the versions the tests ran with; none of them touches torch.
+# verl for the adapter's and the recipe's tests (tests/kernels/integrations/test_verl.py, tests/train/integrations/
+# test_verl_recipe.py: verl's own agg_loss / distillation_loss, its engine registry): the package without its
+# dependencies (verl 0.9 pins transformers<5.11 and pulls ray[default], wandb, CUDA extras) plus what importing
+# its loss and FSDP-engine code needs (peft for the engine), pinned to the versions the tests ran with; none of
+# them touches torch.
 # deepspeed (the `deepspeed` extra) for the ZeRO-3 case of tests/train/test_distributed.py: an sdist whose
 # build imports torch, so --no-build-isolation builds it against the CPU torch above (an isolated build would
 # fetch a CUDA torch); no op is compiled at install. Only the tests need them: `make demo` does not install them.
 test-deps: install
 	@$(PY) -m pip show -q verl >/dev/null 2>&1 || { $(PY) -m pip install -q --no-deps "verl==0.9.1" && \
-		$(PY) -m pip install -q "ray==2.60.0" "tensordict==0.10.0" "omegaconf==2.4.0" "codetiming==1.4.0"; }
+		$(PY) -m pip install -q "ray==2.60.0" "tensordict==0.10.0" "omegaconf==2.4.0" "codetiming==1.4.0" \
+		"peft==0.21.2"; }
 	@$(PY) -m pip show -q deepspeed >/dev/null 2>&1 || $(PY) -m pip install -q --no-build-isolation "deepspeed==0.19.8"
 
 test: test-deps

@@ -233,7 +233,8 @@ def command(name: str, args, out: Path, info: dict) -> tuple[list[str] | None, s
     if name == "verl":
         if not info.get("verl"):
             return None, "verl is not installed"
-        return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/integrations/test_verl.py"], ""
+        return [PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels/integrations/test_verl.py",
+                "tests/train/integrations/test_verl_recipe.py"], ""
     if name == "report":
         return [PY, "-m", "benchmarks.report", "--gpu-check", str(out)], ""
     raise ValueError(name)

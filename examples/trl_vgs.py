@@ -1,23 +1,45 @@
-"""VGS on-policy distillation with TRL's DistillationTrainer (``pip install 'vgs-kernels[trl]'``).
+"""VGS on-policy distillation with TRL's DistillationTrainer, configured through TRL's own parser.
 
-Real models (local paths; nothing is downloaded):
+Every ``VGSDistillationConfig`` field (TRL's ``DistillationConfig`` and the VGS loss's ``vgs_*`` fields) is a
+command-line flag and a key of the YAML given with ``--config``; the arguments are saved with the run
+(``training_args.bin`` / ``trainer_state.json``). Real models (local paths; nothing is downloaded):
 
     accelerate launch --config_file configs/accelerate/ddp.yaml examples/trl_vgs.py \\
+        --config examples/trl/qwen3vl-8b-to-2b.yaml \\
         --student /path/to/Qwen3-VL-2B-Instruct --teacher /path/to/Qwen3-VL-8B-Instruct \\
-        --data /path/to/vision-sr1-47k/train.jsonl --gamma 0.41 --out runs/trl-vgs
+        --data /path/to/vision-sr1-47k/train.jsonl
 
-Offline smoke run on tiny random Qwen3-VL models (CPU, seconds):
+Offline smoke run on tiny random Qwen3-VL models (CPU, seconds; --tiny makes the batch, accumulation and
+completion length small unless you set them):
 
-    python examples/trl_vgs.py --tiny --max-steps 2 --out /tmp/trl-vgs
+    python examples/trl_vgs.py --tiny --max-steps 2
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
+import sys
+
+# the example runs from a checkout without installing it too
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# what --tiny changes unless the command line or the YAML sets it
+TINY_DEFAULTS = dict(per_device_train_batch_size=2, gradient_accumulation_steps=1, max_completion_length=16,
+                     learning_rate=1e-3, activation_checkpointing=False, logging_steps=1, save_strategy="no",
+                     report_to=[], seed=0, lr_scheduler_type="constant", weight_decay=0.01)
 
 
-def tiny_setup(out_dir: str, n: int = 8):
+@dataclasses.dataclass
+class ScriptArguments:
+    student: str | None = dataclasses.field(default=None, metadata={"help": "student model folder"})
+    teacher: str | None = dataclasses.field(default=None, metadata={"help": "teacher model folder"})
+    data: str | None = dataclasses.field(default=None, metadata={"help": "JSONL {image, question, answer}"})
+    tiny: bool = dataclasses.field(default=False, metadata={"help": "tiny random models, synthetic data, offline"})
+    limit: int = dataclasses.field(default=0, metadata={"help": "use at most this many training rows (0: all)"})
+
+
+def tiny_setup(out_dir: str, n: int):
     """Tiny random Qwen3-VL student/teacher, the offline task tokenizer, and n synthetic rows."""
     from vgs_train import synthetic
     from vgs_train.data import load_image, load_jsonl
@@ -53,55 +75,72 @@ def to_dataset(rows, system_prompt: str):
         for img, q in rows])
 
 
+def parse(argv=None):
+    """(VGSDistillationConfig, ScriptArguments) from the command line and the --config YAML; --tiny fills in
+    small defaults where neither set a value."""
+    from trl import TrlParser
+
+    from vgs_train.integrations.trl import VGSDistillationConfig
+
+    parser = TrlParser((VGSDistillationConfig, ScriptArguments))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--output_dir" not in argv and "--output-dir" not in argv:
+        argv += ["--output_dir", "runs/trl-vgs"]
+    if "--tiny" in argv and not any(a.startswith(("--use_cpu", "--use-cpu")) for a in argv):
+        import torch
+
+        if not torch.cuda.is_available():  # TRL's config refuses its bf16 default on a machine without a GPU
+            argv += ["--use_cpu", "true"] + ([] if any(a.startswith("--bf16") for a in argv) else ["--bf16", "false"])
+    args, script = parser.parse_args_and_config(argv)
+    if script.tiny:
+        given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+        given |= set(_yaml_keys(argv))
+        tiny = {k: v for k, v in TINY_DEFAULTS.items() if k not in given}
+        if tiny:
+            args = dataclasses.replace(args, **tiny)
+    return args, script
+
+
+def _yaml_keys(argv) -> list[str]:
+    import yaml
+
+    if "--config" not in argv:
+        return []
+    with open(argv[argv.index("--config") + 1]) as f:
+        return list((yaml.safe_load(f) or {}).keys())
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--student")
-    ap.add_argument("--teacher")
-    ap.add_argument("--data")
-    ap.add_argument("--tiny", action="store_true", help="tiny random models and synthetic data, offline")
-    ap.add_argument("--out", default="runs/trl-vgs")
-    ap.add_argument("--max-steps", type=int, default=-1)
-    ap.add_argument("--limit", type=int, default=0)
-    ap.add_argument("--batch-size", type=int, default=4, help="prompts per device per micro-batch")
-    ap.add_argument("--grad-accum", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=1e-6)
-    ap.add_argument("--max-completion-length", type=int, default=2048)
-    ap.add_argument("--alpha", type=float, default=2.0)
-    ap.add_argument("--beta", type=float, default=0.01)
-    ap.add_argument("--gamma", type=float, default=1.0, help="0.41 for Qwen3-VL-2B, 0.36 for 4B (App. A)")
-    a = ap.parse_args(argv)
+    args, script = parse(argv)
 
     import torch
-    from trl import DistillationConfig
 
     from vgs_train.integrations.trl import VGSDistillationTrainer
     from vgs_train.views import REASONING_SYSTEM_PROMPT
 
-    if a.tiny:
-        student, teacher, proc, rows = tiny_setup(a.out)
+    if script.tiny:
+        steps = max(args.max_steps, 1)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        n = args.per_device_train_batch_size * args.gradient_accumulation_steps * steps * world
+        student, teacher, proc, rows = tiny_setup(args.output_dir, max(n, 8))
     else:
-        if not (a.student and a.teacher and a.data):
-            ap.error("--student, --teacher and --data are needed (or --tiny)")
+        if not (script.student and script.teacher and script.data):
+            raise SystemExit("--student, --teacher and --data are needed (or --tiny)")
         from vgs_train.modeling import load_model, load_processor
 
-        bf16 = torch.cuda.is_available()
-        proc = load_processor(a.student)
-        student = load_model(a.student)
-        teacher = load_model(a.teacher, dtype=torch.bfloat16 if bf16 else torch.float32)
-        rows = load_rows(a.data, a.limit)
+        proc = load_processor(script.student)
+        student = load_model(script.student)
+        teacher = load_model(script.teacher, dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+        rows = load_rows(script.data, script.limit)
     proc.tokenizer.padding_side = "left"
-    args = DistillationConfig(
-        output_dir=a.out, max_steps=a.max_steps, num_train_epochs=1, learning_rate=a.lr, weight_decay=0.01,
-        lr_scheduler_type="constant", per_device_train_batch_size=a.batch_size,
-        gradient_accumulation_steps=a.grad_accum, max_completion_length=a.max_completion_length,
-        temperature=1.0, top_p=1.0, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=not a.tiny, report_to="none", logging_steps=1, save_strategy="no",
-        dataloader_num_workers=0, seed=0)
-    trainer = VGSDistillationTrainer(
-        model=student, teacher_model=teacher, args=args, processing_class=proc,
-        train_dataset=to_dataset(rows, REASONING_SYSTEM_PROMPT),
-        vgs_kwargs=dict(mode="vgs", alpha=a.alpha, beta=a.beta, gamma=a.gamma))
+    trainer = VGSDistillationTrainer(model=student, teacher_model=teacher, args=args, processing_class=proc,
+                                     train_dataset=to_dataset(rows, REASONING_SYSTEM_PROMPT))
     trainer.train()
+    trainer.state.save_to_json(os.path.join(args.output_dir, "trainer_state.json"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if trainer.accelerator.is_main_process:
+        print(f"VGS distillation: {trainer.state.global_step} optimizer steps, loss {losses[-1] if losses else None}, "
+              f"loss keywords {trainer.vgs_kwargs}", flush=True)
     return trainer
 
 

@@ -16,7 +16,7 @@ LAYERS = [
                          "gradients", "embedded", "pipeline"}),
     ("loops and tools", {"grpo", "calibrate", "analyze", "checkpoint", "trainer", "demo", "integrations",
                          "assess", "jobs", "study",
-                         "integrations.trl"}),
+                         "integrations.trl", "integrations.verl"}),
     ("command lines", {"cli", "__main__", "__init__"}),
 ]
 

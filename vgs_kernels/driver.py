@@ -41,7 +41,8 @@ from typing import Protocol
 
 import torch
 
-from . import hooks
+from . import hooks, modes
+from .modes import TERMS
 from .options import VGSOptions
 from .threshold import gate_and_ramp, quantiles
 
@@ -175,7 +176,6 @@ def run_vgs(
     rows_fn: RowsFn,
     chunk_size: int,
     need_grad: bool,
-    compute_dtype: torch.dtype | None = None,
     gate: torch.Tensor | None = None,
 ) -> DriverResult:
     """Run both passes over the rows ``valid_idx`` ([n_valid] long) with reduction ``weights``.
@@ -183,12 +183,13 @@ def run_vgs(
     With ``need_grad``, the logit gradients of the student streams in ``source.wants`` are computed
     and sent to ``source.backward``; the other stream's are never formed. ``rows_fn`` follows the
     row contract of :mod:`vgs_kernels.backends.torch_rows` (called with ``vocab=source.vocab``
-    and gradient buffers from ``source.grad_buffer``, which may be the logits themselves).
-    ``compute_dtype`` is accepted for compatibility and unused: gradients are written in the
-    logits' dtype (fp32 math inside the row kernels either way). ``gate`` ([n_valid] {0, 1}): the
-    caller's gate instead of the thresholded VDS.
+    and gradient buffers from ``source.grad_buffer``, which may be the logits themselves): gradients are
+    written in the logits' dtype, fp32 math inside the row kernels. ``gate`` ([n_valid] {0, 1}): the
+    caller's gate instead of the thresholded VDS. The coefficients of each pass come from the mode's row
+    of ``vgs_kernels.modes``.
 
-    Predicted gate (``mode="vgs"``, ``detach_target_prior=True``, the text stream trainable): the
+    Predicted gate (a mode whose only gated term is the language term and whose steered term is the
+    visual one, i.e. ``mode="vgs"``; ``detach_target_prior=True``; the text stream trainable): the
     gated language term needs the batch's VDS quantile, known only after pass 1. Pass 1 therefore
     also writes the ungated language gradient of every row into the text stream's buffer and sends
     on at once the rows whose VDS exceeds the quantile of the VDS seen so far (this rank's rows;
@@ -198,22 +199,24 @@ def run_vgs(
     token ``weights`` and gamma), recomputing their logits. The sum is exactly the gated term;
     typically a few percent of the rows are corrected instead of recomputing the 30 % gated ones.
     """
-    del compute_dtype
     n = valid_idx.numel()
     device = valid_idx.device
     w = weights * opts.gamma
-    zeros = torch.zeros_like(w)
-    mode, alpha, beta = opts.mode, opts.alpha, opts.beta
-    c_std = w
-    c_vis = alpha * w if mode == "vgs" else zeros
-    c_lang = alpha * w if mode == "language" else zeros
-    coef1 = torch.stack([c_std, c_vis, c_lang], dim=1)
-    grad_sp_in_pass1 = mode == "language" or (mode == "vgs" and not opts.detach_target_prior)
+    m = modes.get(opts.mode)
+    alpha, beta = opts.alpha, opts.beta
+    coef1 = modes.coefficients(m, alpha, beta, w)
+    # the text stream's gradient in pass 1: its steered language term, or the target prior's gradient (r - p)
+    # through an ungated visual term
+    grad_sp_in_pass1 = m.steered == "lang" or (m.steered == "vis" and not m.ramped and not opts.detach_target_prior)
     want_s = need_grad and "s" in source.wants
     want_sp = need_grad and "sp" in source.wants and grad_sp_in_pass1
-    predict = need_grad and mode == "vgs" and opts.detach_target_prior and "sp" in source.wants and beta != 0
+    predict = (need_grad and m.gated_lang_only and m.steered == "vis" and opts.detach_target_prior
+               and "sp" in source.wants and beta != 0)
     # the row kernel's coefficients in pass 1: with a predicted gate, also the ungated language term
-    kernel_coef1 = torch.stack([c_std, c_vis, beta * w], dim=1) if predict else coef1
+    kernel_coef1 = coef1
+    if predict:
+        kernel_coef1 = coef1.clone()
+        kernel_coef1[:, TERMS.index("lang")] = beta * w
     predicted = torch.zeros(n, device=device) if predict else None
     # every row valid: valid_idx is arange(N) (sorted, unique), so chunks are slices (no gathers)
     all_rows = n == source.rows
@@ -251,18 +254,12 @@ def run_vgs(
             del zs, zsp, zt, ztp, g_s, g_sp
 
         gate, ramp, theta = gate_and_ramp(stats[:, 3], opts, gate)
-        if mode == "vgs":
-            coef2 = torch.stack([zeros, zeros, beta * gate * w], dim=1)
-        elif mode == "adaptive":
-            coef2 = torch.stack([zeros, alpha * ramp * w, beta * gate * w], dim=1)
-        elif mode == "language":
-            coef2 = torch.stack([zeros, beta * gate * w, zeros], dim=1)
-        else:
-            coef2 = torch.zeros_like(coef1)
+        coef2 = modes.coefficients(m, alpha, beta, w, gate, ramp)
         coef = coef1 + coef2
 
-        if need_grad and mode != "standard":
+        if need_grad and m.gated:
             # with a predicted gate, pass 2 corrects the mispredicted rows only (signed coefficients)
+            zeros = torch.zeros_like(w)
             fix = torch.stack([zeros, zeros, beta * (gate - predicted) * w], dim=1) if predict else coef2
             _gated_pass(source, valid_idx, fix, opts, rows_fn, chunk_size)
     finally:
@@ -298,7 +295,7 @@ def predicted_rows(vds: torch.Tensor, theta: float) -> torch.Tensor:
 
 def _gated_pass(source, valid_idx, coef2, opts, rows_fn, chunk_size) -> None:
     """Pass 2: gradients of the gated terms, on the rows whose gated coefficient is non-zero."""
-    lang_only = opts.mode == "vgs"  # only beta*gate*lang: d/dzsp of KL(p'||q') alone
+    lang_only = modes.get(opts.mode).gated_lang_only  # only beta*gate*lang: d/dzsp of KL(p'||q') alone
     want_s, want_sp = "s" in source.wants, "sp" in source.wants
     if lang_only and not want_sp:
         return

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from . import modes
 from . import validation as V
 from .backends import resolve
 from .driver import DriverResult, LinearSource, LogitsSource, default_chunk_size, reduction_weights, run_vgs
@@ -34,7 +35,8 @@ class VGSOutput:
         them) all but std are NaN. With ``sync_metrics=False`` all but threshold are 0-d fp32
         tensors on the inputs' device (never read to the host).
     per_token: with ``return_per_token=True``, detached fp32 tensors shaped like the mask
-        ([B, T], or [N] for [N, V] inputs): std, vis, lang, vds, gate (0 on masked tokens).
+        ([B, T], or [N] for [N, V] inputs): std, vis, lang, vds, gate, and objective (gamma times the
+        mode's per-token objective, what the reduction weights multiply), 0 on masked tokens.
     """
 
     loss: torch.Tensor
@@ -431,10 +433,15 @@ def _output(
             n *= d
         per_token = {}
         columns = {**{k: result.stats[:, i] for i, k in enumerate(STAT_NAMES)}, "gate": result.gate}
+        # each token's gamma * objective (what its reduction weight multiplies)
+        terms = {k: result.stats[:, i].double() for i, k in enumerate(STAT_NAMES)}
+        columns["objective"] = opts.gamma * modes.objective(modes.get(opts.mode), terms, opts.alpha, opts.beta,
+                                                            result.gate.double(), None if result.ramp is None
+                                                            else result.ramp.double())
         for k, col in columns.items():
             full = torch.zeros(n, device=valid_idx.device)
             full[valid_idx] = col.detach().float()
-            if not text and k != "std":
+            if not text and k not in ("std", "objective"):
                 full.fill_(float("nan"))
             per_token[k] = full.view(lead)
     return VGSOutput(loss=result.loss, metrics=metrics, per_token=per_token)

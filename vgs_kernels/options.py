@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-MODES = ("standard", "vgs", "adaptive", "language")
+from . import modes as _modes
+
+MODES = tuple(_modes.MODES)
 # sequence / token: means (the paper's trajectory average / over all valid tokens); sum: the caller
 # normalises; none: per-token losses shaped like the mask (vgs_loss only)
 REDUCTIONS = ("sequence", "token", "sum", "none")
@@ -100,7 +102,7 @@ class VGSOptions:
         if t is None:
             return
         if isinstance(t, (tuple, list)):
-            if self.mode != "adaptive":
+            if not _modes.MODES[self.mode].ramped:
                 raise ValueError(
                     f"threshold must be a single float in mode={self.mode!r}; a pair "
                     f"(theta_low, theta_high) is only meaningful in mode='adaptive', got {t!r}"
@@ -113,9 +115,9 @@ class VGSOptions:
             return
         if not _finite(t):
             raise ValueError(f"threshold must be None, a finite float or (adaptive) a pair, got {t!r}")
-        if self.mode == "adaptive":
+        if _modes.MODES[self.mode].ramped:
             raise ValueError(
-                "mode='adaptive' needs two thresholds: pass threshold=(theta_low, theta_high) "
+                f"mode={self.mode!r} needs two thresholds: pass threshold=(theta_low, theta_high) "
                 f"or None to use adaptive_quantiles, got {t!r}"
             )
         object.__setattr__(self, "threshold", float(t))

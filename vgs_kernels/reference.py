@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from . import modes
 from .backends.torch_rows import scaled_logits
 from .driver import DriverResult
 from .options import VGSOptions
@@ -46,15 +47,8 @@ def reference_vgs(
     std, vis, lang, vds = _kl(ls, lt), _kl(ls, lr), _kl(lsp, ltp), _kl(lt, ltp)
     gate, ramp, theta = gate_and_ramp(vds.detach(), opts, gate)
     w = (weights * opts.gamma).to(std.dtype)
-    a, b = opts.alpha, opts.beta
-    if opts.mode == "standard":
-        per_token = std
-    elif opts.mode == "vgs":
-        per_token = std + a * vis + b * gate * lang
-    elif opts.mode == "adaptive":
-        per_token = std + a * ramp * vis + b * gate * lang
-    else:  # language
-        per_token = std + a * lang + b * gate * vis
+    per_token = modes.objective(modes.get(opts.mode), {"std": std, "vis": vis, "lang": lang}, opts.alpha, opts.beta,
+                                gate, ramp)
     per_row = w * per_token
     stats = torch.stack([std, vis, lang, vds], dim=1).detach().float()
     return DriverResult(loss=per_row.sum(), stats=stats, gate=gate, ramp=ramp, theta=theta, per_row=per_row)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from . import modes
 from .options import VGSOptions
 
 
@@ -64,7 +65,7 @@ def gate_and_ramp(
     gate, used instead of the threshold (theta is then NaN; never in adaptive mode). Returns
     (gate float32 {0, 1}, w float32 or None, theta used for the gate).
     """
-    need_ramp = opts.mode == "adaptive"
+    need_ramp = modes.get(opts.mode).ramped
     if gate is not None:
         return gate.float(), None, float("nan")
     if opts.threshold is None:
@@ -179,7 +180,7 @@ def vds_threshold(
         lt, ltp = (torch.log_softmax(scaled_logits(r, temperature), -1) for r in rows)
         q = lt.exp()
         vds[a : a + chunk] = torch.where(q == 0, torch.zeros_like(q), q * (lt - ltp)).sum(-1).float()
-    need_ramp = opts.mode == "adaptive"
+    need_ramp = modes.get(opts.mode).ramped
     qs = list(opts.adaptive_quantiles) if need_ramp else [opts.quantile]
     found = quantiles(gather_vds(vds, opts.vds_scope, opts.process_group), qs)
     threshold = (found[0], found[1]) if need_ramp else found[0]

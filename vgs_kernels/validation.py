@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from . import modes
+
 LOGIT_NAMES = ("student_logits", "student_text_logits", "teacher_logits", "teacher_text_logits")
 HIDDEN_NAMES = ("student_hidden", "student_text_hidden", "teacher_hidden", "teacher_text_hidden")
 
@@ -50,8 +52,9 @@ def check_text_streams(mode: str, names: tuple[str, str], student_text: object, 
     missing = [n for n, t in zip(names, (student_text, teacher_text)) if t is None]
     if not missing:
         return True
-    if mode != "standard" or len(missing) == 1:
-        why = (f"mode={mode!r} needs the text-only view" if mode != "standard"
+    needs = modes.get(mode).needs_text
+    if needs or len(missing) == 1:
+        why = (f"mode={mode!r} needs the text-only view" if needs
                else "pass both text-only streams or neither")
         raise ValueError(f"{' and '.join(missing)} is None: {why} (None is allowed for both in mode='standard')")
     return False
@@ -195,7 +198,7 @@ def check_gate(gate: object, lead: tuple[int, ...], device: torch.device, mode: 
     """gate= (bool like the mask) -> bool [B, T] ([1, N] for [N, X] inputs); None stays None."""
     if gate is None:
         return None
-    if mode == "adaptive":
+    if modes.get(mode).ramped:
         raise ValueError(
             "gate= replaces the quantile gate of modes 'vgs', 'language' and 'standard'; mode='adaptive' "
             "also needs the ramp's thresholds: pass threshold=(theta_low, theta_high) instead "

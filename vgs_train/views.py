@@ -136,6 +136,30 @@ def response_hidden(model, inputs: dict, num_response: int) -> torch.Tensor:
     return h[:, s - 1: s - 1 + num_response]
 
 
+def backbone_response_hidden(model, view: dict, n_completion: int) -> torch.Tensor:
+    """Hidden states that predict the ``n_completion`` completion tokens, [B, C, H], from the decoder
+    *backbone* of the unwrapped ``model`` (not its root module): what runs inside a redirected forward of the
+    wrapped root (TRL's, and the verl engine's under FSDP2), where calling the root again would re-enter it.
+    ``view``: a view dict (``append_completion``) with ``response_start``."""
+    from accelerate.utils import is_peft_model
+
+    if is_peft_model(model):
+        model = model.base_model.model
+    backbone = model.base_model
+    kw = {k: view[k] for k in ("input_ids", "attention_mask", *MULTIMODAL_KEYS) if view.get(k) is not None}
+    pos = position_ids_for(model, view)
+    if pos is not None:
+        kw["position_ids"] = pos
+    h = backbone(**kw, use_cache=False).last_hidden_state
+    s = view["response_start"]
+    return h[:, s - 1: s - 1 + n_completion]
+
+
+# inputs of a decoder backbone besides ids and mask that an image view may carry
+MULTIMODAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
+                   "token_type_ids", "mm_token_type_ids", "image_position_ids")
+
+
 @dataclass
 class ViewBatch:
     """The two views of a batch with the same completion ids appended to both."""

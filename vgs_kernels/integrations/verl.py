@@ -3,8 +3,11 @@
 verl (0.9) computes a distillation loss per response token and aggregates it with
 ``verl.trainer.ppo.core_algos.agg_loss(loss_mat, loss_mask, loss_agg_mode, **global_batch_info)``
 (``token-mean``, ``token-sum``, ``seq-mean-token-sum``, ``seq-mean-token-mean``,
-``seq-mean-token-sum-norm``; the global-batch normalisers ``dp_size``, ``batch_num_tokens``,
-``global_batch_size``, ``loss_scale_factor`` come from the actor config's ``global_batch_info``).
+``seq-mean-token-sum-norm``). The global-batch normalisers come with each micro-batch: verl's engine puts
+``dp_size``, ``batch_num_tokens`` and ``global_batch_size`` into the micro-batch (``data``), and its
+``distillation_loss()`` copies them, with the actor config's ``loss_scale_factor``, into
+``config.global_batch_info`` right before it aggregates (that dict starts empty: reading it earlier gives
+each rank's local mean). ``normalisers(config, data)`` reads them the same way.
 Per-token VGS losses from hidden states cannot be returned without the [N, V] logits, but every
 ``agg_loss`` mode is linear in the per-token losses: ``agg_loss(L, M) = sum_t c_t * L_t``. This
 adapter takes the ``c_t`` from verl's ``agg_loss`` itself (its gradient with respect to
@@ -12,8 +15,20 @@ adapter takes the ``c_t`` from verl's ``agg_loss`` itself (its gradient with res
 ``reduction="sum"``, so the loss and its gradients are exactly ``agg_loss`` of the per-token VGS
 losses, computed chunk by chunk from the hidden states.
 
-verl is imported when the loss is called (``pip install 'vgs-kernels[verl]'``); importing this
-module does not need it.
+Two entry points:
+
+* :func:`vgs_distillation_loss`: the aggregated loss of one micro-batch from packed response rows, for a
+  verl-based trainer of your own;
+* :func:`vgs_token_losses`, registered as verl's distillation loss ``"vgs"`` by :func:`register`: what
+  verl's own ``distillation_loss()`` calls with ``distillation.distillation_loss.loss_mode: vgs``. It returns
+  per-token losses (the mode's objective per token, detached) plus a term that carries the gradient, so
+  that ``agg_loss`` of them has the VGS loss's value and gradient for every ``loss_agg_mode``, and the
+  loss min / max metrics and ``use_policy_gradient`` (advantages = - per-token loss) work as for verl's
+  own losses. Its inputs (the four views' hidden states and both lm_heads) come from the VGS engine
+  (``vgs_train.integrations.verl``) as ``model_output["vgs"]``.
+
+verl is imported when the loss is called (install verl 0.9.x beside this package); importing this module
+does not need it.
 """
 
 from __future__ import annotations
@@ -34,8 +49,8 @@ def verl_agg_loss():
         from verl.trainer.ppo.core_algos import agg_loss
     except ImportError as exc:
         raise ImportError(
-            "vgs_kernels.integrations.verl needs verl (its agg_loss defines the loss_agg_mode semantics): "
-            "pip install 'vgs-kernels[verl]'"
+            "vgs_kernels.integrations.verl needs verl 0.9.x (its agg_loss defines the loss_agg_mode semantics): "
+            "pip install 'verl>=0.9,<0.10' (or this package's 'verl' extra from a checkout)"
         ) from exc
     return agg_loss
 
@@ -88,16 +103,18 @@ def vgs_distillation_loss(
             packed mask, ``seq-mean-token-sum-norm`` needs ``loss_scale_factor`` in
             ``global_batch_info`` (verl otherwise divides by the padded width).
         loss_agg_mode: the actor's ``loss_agg_mode``.
-        global_batch_info: the actor config's ``global_batch_info`` (``dp_size``, ``batch_num_tokens``,
-            ``global_batch_size``, ``loss_scale_factor``), passed to ``agg_loss`` unchanged.
+        global_batch_info: the global-batch normalisers (``dp_size``, ``batch_num_tokens``,
+            ``global_batch_size``, ``loss_scale_factor``), passed to ``agg_loss`` unchanged: read them from
+            the micro-batch with :func:`normalisers` (verl's engine puts the first three there; the actor
+            config's ``global_batch_info`` is filled from them only inside verl's own loss functions).
         metric_prefix: prefix of the returned metric names.
         vgs_keywords: the loss keywords of :func:`vgs_kernels.fused_linear_vgs_loss` (mode, alpha,
             beta, gamma, threshold / gate, vds_scope, process_group, temperature, vocab_size,
             student_bias, teacher_bias, chunk_size, backend, ...); not mask, weights, reduction
-            or cu_seqlens, which the adapter sets. Note ``vds_scope="global"`` (the default)
-            all-gathers the VDS over the ranks in every call: with verl's dynamic batch sizes
-            (``use_dynamic_bsz``) ranks make different numbers of calls, so pass
-            ``vds_scope="local"`` or a per-batch ``threshold=`` from :func:`vgs_kernels.vds_threshold`.
+            or cu_seqlens, which the adapter sets. With ``vds_scope="global"`` (the default) pass
+            ``process_group=`` the data-parallel group verl hands every loss function (``dp_group``): the
+            VDS quantile is then taken over the group's ranks, one all-gather per call; verl 0.9's engine
+            gives every rank the same number of micro-batches (``same_micro_num_in_dp``), so the calls pair up.
 
     Returns:
         (loss, metrics): the scalar loss verl backpropagates (``agg_loss`` of the per-token VGS
@@ -162,3 +179,74 @@ def _padded_mask(response_mask, lengths, seq_id, pos, info, mode, device) -> tor
         raise ValueError("response_mask marks positions past a sequence's length in cu_seqlens: the packed "
                          "rows must hold every response position the mask counts")
     return m
+
+
+# ----------------------------------------------------------------------------- verl's registered loss
+NORMALISERS = ("dp_size", "batch_num_tokens", "global_batch_size")
+
+
+def normalisers(config, data) -> dict[str, Any]:
+    """The global-batch normalisers of a verl micro-batch: ``dp_size``, ``batch_num_tokens``,
+    ``global_batch_size`` from ``data`` (the engine's), ``loss_scale_factor`` from the actor ``config``."""
+    info = {}
+    for key in NORMALISERS:
+        try:
+            info[key] = data[key]
+        except KeyError:
+            raise ValueError(f"the verl micro-batch has no {key!r}: verl's engine puts dp_size, batch_num_tokens and "
+                             "global_batch_size into every micro-batch it hands a loss function") from None
+    info["loss_scale_factor"] = getattr(config, "loss_scale_factor", None)
+    return info
+
+
+def vgs_token_losses(config, distillation_config, model_output: dict, data) -> tuple[torch.Tensor, dict[str, Any]]:
+    """verl's distillation loss ``"vgs"`` (the signature of verl's ``DistillationLossFn``).
+
+    ``model_output["vgs"]``: ``hidden`` (student, student_text, teacher, teacher_text: [bsz, resp_len, H]
+    aligned with ``data["response_mask"]``), ``student_weight`` / ``teacher_weight`` (whole lm_head weights:
+    under FSDP2 the call runs inside the root module's forward) and optional ``student_bias`` /
+    ``teacher_bias``, and ``loss_kwargs`` (the VGS keywords, ``process_group`` the dp group among them).
+
+    Returns (losses [bsz, resp_len], metrics): ``losses`` = the detached per-token objective (gamma times the
+    mode's objective) plus ``(S - S.detach()) / sum(c)`` on the valid tokens, S the VGS loss aggregated with
+    verl's coefficients c for the actor's ``loss_agg_mode``: ``agg_loss`` of them is S in value and gradient."""
+    from verl.utils.metric import AggregationType, Metric
+
+    loss_config = distillation_config.distillation_loss
+    if loss_config.loss_max_clamp is not None:
+        raise ValueError("distillation.distillation_loss.loss_max_clamp must be null with loss_mode 'vgs': clamping "
+                         "the per-token losses would cut their gradient on the clamped tokens")
+    payload = model_output["vgs"]
+    mask = data["response_mask"]
+    mask = (mask.to_padded_tensor(0) if mask.is_nested else mask).bool()
+    hs, hsp, ht, htp = (payload["hidden"][k] for k in ("student", "student_text", "teacher", "teacher_text"))
+    coef = agg_coefficients(mask, config.loss_agg_mode, normalisers(config, data)).masked_fill(~mask, 0.0)
+    kw = dict(payload.get("loss_kwargs") or {})
+    clash = sorted(set(kw) & set(_RESERVED + ("return_per_token",)))
+    if clash:
+        raise ValueError(f"loss_kwargs must not set {clash}: the verl loss sets them")
+    out = fused_linear_vgs_loss(hs, hsp, payload["student_weight"], ht, htp, payload["teacher_weight"], mask,
+                                student_bias=payload.get("student_bias"), teacher_bias=payload.get("teacher_bias"),
+                                weights=coef.to(hs.device).float(), reduction="sum", return_per_token=True, **kw)
+    total = coef.sum()
+    unit = (mask.to(coef.dtype) / total).to(out.loss.dtype) if float(total) != 0 else torch.zeros_like(
+        mask, dtype=out.loss.dtype)
+    losses = out.per_token["objective"].to(out.loss.dtype) + (out.loss - out.loss.detach()) * unit
+    metrics = {f"distillation/vgs_{k}": Metric(AggregationType.MEAN, float(v)) for k, v in out.metrics.items()}
+    return losses, metrics
+
+
+def register() -> None:
+    """Register :func:`vgs_token_losses` as verl's distillation loss ``"vgs"`` (once; verl's registry refuses
+    a second registration of a name). verl's settings demand one of ``use_topk`` / ``use_estimator``: VGS
+    uses neither (it reads the full distributions from hidden states), and ``use_estimator`` is the one
+    that asks the teacher server for nothing beyond the sampled tokens' log-probabilities."""
+    from verl.trainer.distillation.losses import (
+        DISTILLATION_LOSS_REGISTRY,
+        DistillationLossSettings,
+        register_distillation_loss,
+    )
+
+    if DISTILLATION_LOSS_REGISTRY.get("vgs") is vgs_token_losses:
+        return
+    register_distillation_loss(DistillationLossSettings(names=["vgs"], use_estimator=True))(vgs_token_losses)

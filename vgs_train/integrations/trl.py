@@ -42,12 +42,13 @@ Example: ``examples/trl_vgs.py``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import torch
 
 try:
-    from trl import DistillationTrainer
+    from trl import DistillationConfig, DistillationTrainer
     from trl.data_utils import is_conversational, prepare_multimodal_messages
     from trl.trainer.utils import pad
 except ImportError as exc:  # pragma: no cover - depends on the optional extra
@@ -57,14 +58,66 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
 
 from ..distributed import global_counts, prepare_sharded_lm_head, reduce_metrics, run_in_forward
 from ..pipeline import Hidden, head_loss
-from ..views import position_ids_for
+from ..views import MULTIMODAL_KEYS, backbone_response_hidden
 
-DEFAULT_VGS = dict(mode="vgs", alpha=2.0, beta=0.01, gamma=1.0, quantile=0.7, vds_scope="global",
-                   reduction="sequence")
+
+@dataclasses.dataclass
+class VGSDistillationConfig(DistillationConfig):
+    """TRL's ``DistillationConfig`` with the VGS loss keywords as ``vgs_*`` fields: set them in the YAML a
+    ``TrlParser`` reads, or as ``--vgs_alpha 2.0`` on its command line; they are saved with the training
+    arguments. (``beta``, TRL's JSD interpolation, is unused: the VGS weight of the gated term is ``vgs_beta``.)
+    ``vgs_temperature`` None: TRL's ``temperature``."""
+
+    vgs_mode: str = dataclasses.field(default="vgs", metadata={"help": "standard | vgs | adaptive | language"})
+    vgs_alpha: float = dataclasses.field(default=2.0, metadata={"help": "weight of the visual term"})
+    vgs_beta: float = dataclasses.field(default=0.01, metadata={"help": "weight of the gated term"})
+    vgs_gamma: float = dataclasses.field(default=1.0, metadata={
+        "help": "gradient-norm normaliser (0.41 for Qwen3-VL-2B, 0.36 for 4B students at alpha 2)"})
+    vgs_quantile: float = dataclasses.field(default=0.7, metadata={"help": "gate: VDS above this quantile"})
+    vgs_adaptive_quantiles: list[float] = dataclasses.field(default_factory=lambda: [0.4, 0.7], metadata={
+        "help": "adaptive mode's ramp ends"})
+    vgs_threshold: float | None = dataclasses.field(default=None, metadata={"help": "a fixed gate threshold"})
+    vgs_vds_scope: str = dataclasses.field(default="global", metadata={"help": "global | local"})
+    vgs_reduction: str = dataclasses.field(default="sequence", metadata={"help": "sequence | token"})
+    vgs_temperature: float | None = dataclasses.field(default=None, metadata={
+        "help": "tau of the loss (default: temperature)"})
+    vgs_detach_target_prior: bool = dataclasses.field(default=True, metadata={
+        "help": "stop-gradient on the target's text-only prior"})
+    vgs_chunk_size: int | None = dataclasses.field(default=None, metadata={"help": "token rows per chunk"})
+    vgs_backend: str = dataclasses.field(default="auto", metadata={"help": "auto | torch | triton | cpu | cuda"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        from vgs_kernels.options import VGSOptions
+
+        try:  # the same check every backend runs: a bad value fails here, naming its vgs_ field
+            VGSOptions(**{k: v for k, v in self.vgs_kwargs().items() if k not in ("chunk_size", "backend")})
+        except ValueError as exc:
+            raise ValueError(f"vgs_{exc}") from None
+
+    def vgs_kwargs(self) -> dict:
+        """The ``fused_linear_vgs_loss`` keywords of the ``vgs_*`` fields (temperature: TRL's when unset)."""
+        kw = {f.name[len("vgs_"):]: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name.startswith("vgs_")}
+        kw["adaptive_quantiles"] = tuple(kw["adaptive_quantiles"])
+        if kw["temperature"] is None:
+            kw["temperature"] = self.temperature
+        return kw
+
+
+
+def default_vgs_kwargs() -> dict:
+    """The ``vgs_*`` fields' defaults as loss keywords (temperature None: the trainer's)."""
+    out = {}
+    for f in dataclasses.fields(VGSDistillationConfig):
+        if f.name.startswith("vgs_"):
+            out[f.name[len("vgs_"):]] = f.default_factory() if f.default_factory is not dataclasses.MISSING \
+                else f.default
+    out["adaptive_quantiles"] = tuple(out["adaptive_quantiles"])
+    return out
 
 # inputs of the decoder backbone besides ids and mask (what TRL's image view carries, as in its own loss)
-_MM_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "spatial_shapes", "image_sizes",
-            "token_type_ids", "mm_token_type_ids", "image_position_ids")
+_MM_KEYS = MULTIMODAL_KEYS
 # per-token type ids: zeros (text) in the text-only view; the other keys describe the image and are dropped
 _TYPE_KEYS = ("token_type_ids", "mm_token_type_ids")
 # config attributes that scale or softcap a model's logits (TRL's loss applies them; the VGS kernels do not)
@@ -120,10 +173,11 @@ class VGSDistillationTrainer(DistillationTrainer):
     """TRL ``DistillationTrainer`` with the VGS loss.
 
     Args (besides ``DistillationTrainer``'s):
-        vgs_kwargs: keywords for ``fused_linear_vgs_loss`` (mode, alpha, beta, gamma, quantile,
-            adaptive_quantiles, threshold, vds_scope, reduction, detach_target_prior, chunk_size, backend).
-            Defaults: the paper's VGS (alpha 2, beta 0.01, gamma 1.0 -- pass 0.41 / 0.36 for Qwen3-VL-2B / 4B),
-            global VDS quantile, sequence reduction. ``temperature`` defaults to ``args.temperature``.
+        args: a ``VGSDistillationConfig`` carries the loss keywords as ``vgs_*`` fields (settable from YAML /
+            the command line through ``TrlParser``, saved with the arguments); a plain ``DistillationConfig``
+            gets their defaults: the paper's VGS (alpha 2, beta 0.01, gamma 1.0 -- 0.41 / 0.36 for Qwen3-VL-2B /
+            4B), global VDS quantile, sequence reduction, ``temperature`` = ``args.temperature``.
+        vgs_kwargs: keywords for ``fused_linear_vgs_loss`` that override the above.
         vocab_size: ids counted by the distributions (default ``len(tokenizer)``).
     """
 
@@ -136,8 +190,11 @@ class VGSDistillationTrainer(DistillationTrainer):
         super().__init__(*args, **kwargs)
         if self.teacher_model is None:
             raise ValueError("VGSDistillationTrainer needs a local teacher_model (the text-only teacher view)")
-        kw = dict(DEFAULT_VGS)
-        kw["temperature"] = self.temperature
+        if isinstance(self.args, VGSDistillationConfig):
+            kw = self.args.vgs_kwargs()
+        else:
+            kw = default_vgs_kwargs()
+            kw["temperature"] = self.temperature
         kw.update(vgs_kwargs or {})
         self.vgs_kwargs = kw
         self.vgs_vocab_size = int(vocab_size or len(self._tokenizer))
@@ -177,22 +234,7 @@ class VGSDistillationTrainer(DistillationTrainer):
         return out
 
     # ------------------------------------------------------------------ hidden states
-    @staticmethod
-    def _response_hidden(unwrapped, view: dict, n_completion: int) -> torch.Tensor:
-        """Backbone (not the root module: FSDP-safe inside the redirected forward) hidden states that
-        predict the completion tokens: [B, C, H]."""
-        from accelerate.utils import is_peft_model
-
-        if is_peft_model(unwrapped):
-            unwrapped = unwrapped.base_model.model
-        backbone = unwrapped.base_model
-        kw = {k: view[k] for k in ("input_ids", "attention_mask", *_MM_KEYS) if view.get(k) is not None}
-        pos = position_ids_for(unwrapped, view)
-        if pos is not None:
-            kw["position_ids"] = pos
-        h = backbone(**kw, use_cache=False).last_hidden_state
-        s = view["response_start"]
-        return h[:, s - 1: s - 1 + n_completion]
+    _response_hidden = staticmethod(backbone_response_hidden)
 
     def _views(self, inputs) -> tuple[dict, dict]:
         comp, cmask = inputs["completion_ids"], inputs["completion_mask"]

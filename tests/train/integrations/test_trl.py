@@ -118,17 +118,18 @@ def test_vgs_distillation_trainer_two_steps(tmp_path, monkeypatch):
     ex = _example()
     orig_setup = ex.tiny_setup
 
-    def setup(out_dir, n=8):
+    def setup(out_dir, n):
         nonlocal student_before
-        s, t, p, rows = orig_setup(out_dir, n=4)
+        s, t, p, rows = orig_setup(out_dir, 4)
         for m in (s, t):  # lm_head rows beyond the tokenizer, as Qwen's 151936 rows for 151669 ids
             m.resize_token_embeddings(len(p.tokenizer) + 64)
         student_before = {k: v.clone() for k, v in s.state_dict().items()}
         return s, t, p, rows
 
     monkeypatch.setattr(ex, "tiny_setup", setup)
-    trainer = ex.main(["--tiny", "--out", str(tmp_path), "--max-steps", "2", "--batch-size", "2",
-                       "--grad-accum", "1", "--lr", "1e-3", "--max-completion-length", "6", "--gamma", "0.41"])
+    trainer = ex.main(["--tiny", "--output_dir", str(tmp_path), "--max-steps", "2", "--per_device_train_batch_size",
+                       "2", "--gradient_accumulation_steps", "1", "--max_completion_length", "6",
+                       "--vgs_gamma", "0.41"])
     assert trainer.state.global_step == 2
     assert len(calls) == 2
     for loss, m in calls:
@@ -190,9 +191,8 @@ def test_vgs_distillation_trainer_two_processes(tmp_path):
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), os.path.join(ROOT, "examples", "trl_vgs.py"), "--tiny", "--out",
-           str(tmp_path), "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-3",
-           "--max-completion-length", "6"]
+           "--master_port", str(port), os.path.join(ROOT, "examples", "trl_vgs.py"), "--tiny", "--output_dir",
+           str(tmp_path), "--max-steps", "2", "--max_completion_length", "6"]
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-6000:]
@@ -225,3 +225,54 @@ def test_lm_head_padding_is_suppressed_on_every_generation_path():
     trainer.vllm_generation.generation_kwargs = None
     suppress_lm_head_padding(trainer, vocab_size=10, rows=13)
     assert trainer.vllm_generation.generation_kwargs == {"allowed_token_ids": list(range(10))}
+
+
+@pytest.mark.skipif(TRL_ERR is not None, reason=str(TRL_ERR))
+def test_the_documented_command_trains_two_optimizer_steps(tmp_path):
+    """``python examples/trl_vgs.py --tiny --max-steps 2``, exactly as the README gives it (run in a scratch
+    folder: its outputs go to runs/trl-vgs there)."""
+    import json
+    import subprocess
+
+    from test_readme_commands import readme_command
+
+    cmd = readme_command("python examples/trl_vgs.py")
+    assert cmd == "python examples/trl_vgs.py --tiny --max-steps 2"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=ROOT)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, cmd.split()[1]), *cmd.split()[2:]], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    state = json.loads((tmp_path / "runs" / "trl-vgs" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    losses = [h["loss"] for h in state["log_history"] if "loss" in h]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert "2 optimizer steps" in r.stdout
+
+
+@pytest.mark.skipif(TRL_ERR is not None, reason=str(TRL_ERR))
+def test_a_yaml_config_sets_the_loss_keywords_that_reach_the_loss(tmp_path, monkeypatch):
+    """vgs_alpha / vgs_beta / vgs_mode from a YAML read by TRL's parser reach fused_linear_vgs_loss, are saved
+    with the training arguments, and a bad value is refused naming its field."""
+    import vgs_train.integrations.trl as adapter
+    from vgs_train.integrations.trl import VGSDistillationConfig
+
+    cfg = tmp_path / "vgs.yaml"
+    cfg.write_text("vgs_mode: adaptive\nvgs_alpha: 0.75\nvgs_beta: 0.2\nvgs_gamma: 0.36\nmax_completion_length: 5\n")
+    seen = []
+    orig = adapter.head_loss
+
+    def spy(hidden, s_head, t_head, mask, **kw):
+        seen.append(kw)
+        return orig(hidden, s_head, t_head, mask, **kw)
+
+    monkeypatch.setattr(adapter, "head_loss", spy)
+    ex = _example()
+    trainer = ex.main(["--config", str(cfg), "--tiny", "--max-steps", "1", "--output_dir", str(tmp_path / "out")])
+    assert trainer.state.global_step == 1 and seen
+    assert {k: seen[0][k] for k in ("mode", "alpha", "beta", "gamma")} == dict(mode="adaptive", alpha=0.75, beta=0.2,
+                                                                            gamma=0.36)
+    assert trainer.args.max_completion_length == 5  # the YAML's, not --tiny's default
+    saved = trainer.args.to_dict()
+    assert saved["vgs_alpha"] == 0.75 and saved["vgs_mode"] == "adaptive"
+    with pytest.raises(ValueError, match="vgs_mode"):
+        VGSDistillationConfig(output_dir=str(tmp_path), use_cpu=True, vgs_mode="sideways")
