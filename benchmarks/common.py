@@ -26,7 +26,6 @@ import contextlib
 import datetime as _dt
 import gc
 import json
-import math
 import os
 import platform
 import re
@@ -181,29 +180,8 @@ def shared_machine_note() -> list[str]:
 
 
 # ----------------------------------------------------------------------------- standard-OPD baseline
-def text_streams_optional() -> bool:
-    """True when vgs_kernels' ``mode="standard"`` takes None for the two text-only streams (and then
-    skips their lm_head GEMMs): ``vgs_kernels.loss.TEXT_STREAMS_OPTIONAL``."""
-    try:
-        from vgs_kernels import loss
-    except Exception:  # noqa: BLE001
-        return False
-    return bool(getattr(loss, "TEXT_STREAMS_OPTIONAL", False))
-
-
-def standard_text_streams(student, teacher):
-    """The (student_text, teacher_text) arguments of a ``mode="standard"`` call, the standard-OPD
-    baseline: None where the API allows it (no text-only work at all), else the image-conditioned
-    ``student`` / ``teacher`` streams standing in (older vgs_kernels required four streams)."""
-    return (None, None) if text_streams_optional() else (student, teacher)
-
-
-def standard_text_streams_note() -> str:
-    """How the standard-OPD baseline was called, for the results JSON."""
-    if text_streams_optional():
-        return "None (mode='standard' without text-only streams: their lm_head GEMMs are skipped)"
-    return ("the image-conditioned streams passed again as the text-only streams (this vgs_kernels has no "
-            "TEXT_STREAMS_OPTIONAL; its standard mode still runs the two text-only lm_head GEMMs)")
+# how the standard-OPD baseline is called, for the results JSON
+STANDARD_TEXT_STREAMS = "None (mode='standard' without text-only streams: their lm_head GEMMs are skipped)"
 
 
 # ----------------------------------------------------------------------------- timing
@@ -321,10 +299,6 @@ def _json_default(o):
     if isinstance(o, (torch.dtype, torch.device, Path)):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def finite_or_none(x: float | None) -> float | None:
-    return None if x is None or not math.isfinite(x) else float(x)
 
 
 def fmt_time(s: float | None) -> str:

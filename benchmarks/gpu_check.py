@@ -57,7 +57,7 @@ STEPS = [("build", 110, True), ("numerics", 100, True), ("tests", 80, True), ("m
          ("report", 10, False)]
 KERNEL_TESTS = ["tests/kernels/test_row_contract.py", "tests/kernels/test_loss_backends.py",
                 "tests/kernels/test_frozen_inputs.py", "tests/kernels/test_fp16_scale.py",
-                "tests/kernels/test_predicted_gate.py", "tests/kernels/test_triton.py", "tests/kernels/test_driver.py"]
+                "tests/kernels/test_predicted_gate.py", "tests/kernels/test_triton.py", "tests/kernels/test_gemm.py"]
 REQUIRED_MODULES = ("torch", "triton", "pytest")
 INJECTIONS = ("missing_package", "exception", "wrong_number", "slab_fallback")
 
@@ -205,7 +205,7 @@ def command(name: str, args, out: Path, info: dict) -> tuple[list[str] | None, s
         return cmd + (["--inject", args.inject] if args.inject in ("exception", "wrong_number", "slab_fallback")
                       else []), ""
     if name == "tests":
-        tests = KERNEL_TESTS if not cpu else ["tests/kernels/test_driver.py"]
+        tests = KERNEL_TESTS if not cpu else ["tests/kernels/test_gemm.py"]
         return [PY, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(["-k", "cuda or triton"] if not cpu
                                                                            else []), *tests], ""
     if name == "microbench":

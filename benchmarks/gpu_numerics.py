@@ -18,7 +18,7 @@ Three checks; any failure exits 1 (and ``--json`` says which):
    CUDA with torch >= 2.10, ``upcast`` on the CPU); the 8192-row slab fallback fails the check.
 
 ``--inject`` (for the CPU test of ``make gpu-check``): ``exception`` raises mid-way, ``wrong_number`` makes
-one gradient 5 % too large, ``slab_fallback`` forces the slab path (``vgs_kernels.driver.ADDMM_FP32_OUT``).
+one gradient 5 % too large, ``slab_fallback`` forces the slab path (``vgs_kernels.gemm.ADDMM_FP32_OUT``).
 """
 
 from __future__ import annotations
@@ -217,9 +217,9 @@ def main(argv=None) -> int:
     sizes = SMALL if args.small else QWEN
     backends = args.backends or (["triton", "cuda"] if device.type == "cuda" else ["cpu", "torch"])
     if args.inject == "slab_fallback":
-        from vgs_kernels import driver
+        from vgs_kernels import gemm
 
-        driver.ADDMM_FP32_OUT = False
+        gemm.ADDMM_FP32_OUT = False
     t0 = time.time()
     results = []
     for be in backends:

@@ -12,9 +12,7 @@ the inputs' ``.grad`` is set to None before each run, outside the timed region:
   ``vgs_kernels.backends()`` available on the device (``reference`` materialises all logits;
   ``triton`` on CPU would be the interpreter and is not benchmarked);
 * ``std:<auto backend>``: the same kernel in ``mode="standard"`` (standard OPD through our code),
-  with None for the two text-only hidden streams (no text-only GEMMs; with a vgs_kernels that still
-  needs four streams, the image-conditioned ones are passed again -- the JSON's
-  ``standard_text_streams`` says which);
+  with None for the two text-only hidden streams (no text-only GEMMs);
 * ``liger:chunked``: Liger-Kernel's ``LigerFusedLinearJSDLoss`` (``liger_kernel.chunked_loss``) with
   ``beta=1`` (reverse KL), ``weight_hard_loss=0``, ``weight_soft_loss=1`` -- the standard-OPD anchor;
 * ``liger:triton``: Liger-Kernel's ``LigerFusedLinearJSD`` (``liger_kernel.transformers``, Triton
@@ -126,8 +124,7 @@ def _vgs_case(backend: str, mode: str = "vgs") -> Case:
     from vgs_kernels import fused_linear_vgs_loss
 
     def build(x: Inputs):
-        # Standard OPD has no text-only streams: None where the API allows it (see module doc).
-        hsp, htp = (x.hsp, x.htp) if mode == "vgs" else C.standard_text_streams(x.hs, x.ht)
+        hsp, htp = (x.hsp, x.htp) if mode == "vgs" else (None, None)  # standard OPD: no text-only streams
 
         def fn():
             out = fused_linear_vgs_loss(x.hs, hsp, x.ws, x.ht, htp, x.wt, mode=mode, backend=backend)
@@ -137,8 +134,7 @@ def _vgs_case(backend: str, mode: str = "vgs") -> Case:
     group = "vgs" if mode == "vgs" else "std"
     desc = f"vgs_kernels.fused_linear_vgs_loss(mode={mode!r}, backend={backend!r}), fwd+bwd"
     if mode != "vgs":
-        desc += (", text-only streams None" if C.text_streams_optional()
-                 else ", image streams passed as the text-only streams")
+        desc += ", text-only streams None"
     return Case(f"{group}:{backend}", group, desc, build)
 
 
@@ -341,7 +337,7 @@ def anchor_check(shapes, dtype, device, cases) -> dict:
     x = make_inputs(64, shapes["hs"], shapes["ht"], shapes["vocab"], dtype, device, seed=123)
     vals = {}
     auto = _auto_backend(device)
-    hsp, htp = C.standard_text_streams(x.hs, x.ht)
+    hsp, htp = None, None
     attempts = {
         f"std:{auto}": lambda: fused_linear_vgs_loss(x.hs, hsp, x.ws, x.ht, htp, x.wt, mode="standard",
                                                      backend=auto).loss,
@@ -451,7 +447,7 @@ def _measure(args, device: torch.device, shapes: dict, dtype: torch.dtype, cases
         memory_method=C.CUDA_MEMORY_METHOD if device.type == "cuda" else C.CPU_MEMORY_METHOD,
         backends={k: v for k, v in __import__("vgs_kernels").backends().items()},
         cases={c.name: c.description for c in cases},
-        standard_text_streams=C.standard_text_streams_note(),
+        standard_text_streams=C.STANDARD_TEXT_STREAMS,
         skipped=skipped,
         results=[],
     )

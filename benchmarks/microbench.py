@@ -57,7 +57,7 @@ def gemm_cases(c: int, v: int, hs: list[int], small_rows: int) -> list[dict]:
 
 
 def run_gemm(case: dict, device, dtype) -> dict:
-    from vgs_kernels.driver import accumulate_mm, mm_fp32
+    from vgs_kernels.gemm import accumulate_mm, mm_fp32
 
     g = torch.Generator(device=device).manual_seed(0)
     m, n, k = case["m"], case["n"], case["k"]

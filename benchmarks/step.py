@@ -22,9 +22,7 @@ One step, per method, timed phase by phase (``torch.cuda.synchronize`` between p
 3. ``loss_backward``: ``fused_linear_vgs_loss(mode="standard" | "vgs")`` on the hidden states and the
    lm_head weights, then ``loss.backward()`` through the student (both views for VGS).
    ``opd`` passes None for the text-only hidden states (``mode="standard"`` does not read them and
-   skips their lm_head GEMMs); with a vgs_kernels that still requires four streams it passes the
-   image-conditioned ones again (the JSON's ``standard_text_streams`` says which). ``opd4`` passes
-   its real text-only hidden states.
+   skips their lm_head GEMMs); ``opd4`` passes its real text-only hidden states.
 4. ``optimizer``: ``AdamW.step()`` and ``zero_grad(set_to_none=True)``.
 
 Methods alternate within each repeat (order reversed every other repeat); we report medians per
@@ -261,8 +259,6 @@ class Stepper:
         with torch.no_grad():
             ht = response_hidden(t, b.img_prompt, resp, b, True)
             htp = response_hidden(t, b.txt_prompt, resp, b, False) if four else None
-        if not four:  # standard OPD: no text-only streams (see module doc)
-            hsp, htp = C.standard_text_streams(hs, ht)
         t2 = self._t()
         out["forwards"] = t2 - t1
         res = fused_linear_vgs_loss(
@@ -292,7 +288,7 @@ def run(args) -> dict:
                timing={"warmup_steps_per_method": args.warmup, "repeats": args.repeats,
                        "statistic": "median over repeats; methods alternate, order reversed every other repeat",
                        "n": "timed steps per method: 'n' in every method's result"},
-               standard_text_streams=C.standard_text_streams_note(),
+               standard_text_streams=C.STANDARD_TEXT_STREAMS,
                rollout=("skipped" if args.no_rollout else "timed per method" if args.rollout_per_method
                         else "timed once per repeat and counted in every method's step (identical work)"))
     ids_img = p.prompt_text + p.image_grid[0] * p.image_grid[1] // 4 + 2

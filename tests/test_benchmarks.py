@@ -123,23 +123,6 @@ def test_peak_memory_is_the_allocator_peak_of_the_calling_thread():
     assert nbytes <= out["peak_bytes"] < nbytes + 2**20, out
 
 
-def test_standard_text_streams_follow_the_api(monkeypatch):
-    import torch
-
-    import vgs_kernels.loss
-    from benchmarks import common as C
-
-    a, b = torch.zeros(1), torch.ones(1)
-    monkeypatch.setattr(vgs_kernels.loss, "TEXT_STREAMS_OPTIONAL", True, raising=False)
-    assert C.standard_text_streams(a, b) == (None, None) and "None" in C.standard_text_streams_note()
-    monkeypatch.setattr(vgs_kernels.loss, "TEXT_STREAMS_OPTIONAL", False, raising=False)
-    sa, sb = C.standard_text_streams(a, b)
-    assert sa is a and sb is b
-    monkeypatch.delattr(vgs_kernels.loss, "TEXT_STREAMS_OPTIONAL", raising=False)
-    sa, sb = C.standard_text_streams(a, b)
-    assert sa is a and sb is b
-
-
 def test_repeat_defaults():
     from benchmarks import kernels as K
     from benchmarks import step as S

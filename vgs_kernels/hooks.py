@@ -23,7 +23,7 @@ unless an observer is installed.
 
 ``simulate_gpu(free_bytes)`` makes the driver take its CUDA paths (fp32-output tensor-core GEMMs, the
 in-place fp32 accumulation, the chunk budget of a device with ``free_bytes`` free) whatever the tensors'
-device: for cost models that trace the loss on fake CPU tensors (``benchmarks.gpu_model``), never for real
+device: for cost models that trace the loss on fake CPU tensors, never for real
 computation. A row function of your own (``vgs_kernels.backends.Backend``) can be passed as ``backend=``.
 """
 

@@ -4,19 +4,20 @@ states, each with one ``backend`` switch. What they compute: docs/math.md; how: 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Unpack
 
 import torch
 
 from . import modes
 from . import validation as V
-from .backends import resolve
-from .driver import DriverResult, LinearSource, LogitsSource, default_chunk_size, reduction_weights, run_vgs
-from .options import VGSOptions
+from .backends import Backend, resolve
+from .chunks import default_chunk_size
+from .driver import DriverResult, reduction_weights, run_vgs
+from .options import VGSKeywords, VGSOptions, takes_loss_keywords
 from .reference import reference_vgs
+from .sources import LinearSource, LogitsSource
 
 STAT_NAMES = ("std", "vis", "lang", "vds")
-# mode="standard" takes None for both text-only streams (skips their lm_head GEMMs; text metrics NaN)
-TEXT_STREAMS_OPTIONAL = True
 TEXT_METRICS = ("vis", "lang", "vds", "gate_fraction", "threshold")
 
 
@@ -44,6 +45,7 @@ class VGSOutput:
     per_token: dict[str, torch.Tensor] | None = field(default=None)
 
 
+@takes_loss_keywords
 def vgs_loss(
     student_logits: torch.Tensor,
     student_text_logits: torch.Tensor,
@@ -54,22 +56,8 @@ def vgs_loss(
     weights: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     gate: torch.Tensor | None = None,
-    mode: str = "vgs",
-    alpha: float = 2.0,
-    beta: float = 0.01,
-    gamma: float = 1.0,
-    quantile: float = 0.7,
-    adaptive_quantiles: tuple[float, float] = (0.4, 0.7),
-    threshold: float | tuple[float, float] | None = None,
-    vds_scope: str = "global",
-    temperature: float = 1.0,
-    reduction: str = "sequence",
-    vocab_size: int | None = None,
-    detach_target_prior: bool = True,
-    return_per_token: bool = False,
-    process_group=None,
-    sync_metrics: bool = True,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
+    **options: Unpack[VGSKeywords],
 ) -> VGSOutput:
     """VGS loss on logit rows.
 
@@ -105,7 +93,6 @@ def vgs_loss(
             them; the driver still synchronises to select rows, to take the quantile (also per
             chunk, for the predicted gate of ``mode="vgs"``, unless ``threshold`` or ``gate`` is
             given) and, for fp16 inputs, to pick each chunk's gradient scale).
-        The remaining keywords are described in README.md.
 
     -inf logits are allowed where a stream's counterpart has them too. A teacher row with -inf
     (probability 0) where the student has probability > 0 makes the reverse KL infinite: a
@@ -114,21 +101,15 @@ def vgs_loss(
     Only inputs with ``requires_grad`` get a gradient computed (a frozen stream costs no
     gradient buffer).
     """
-    opts = VGSOptions(
-        mode=mode, alpha=alpha, beta=beta, gamma=gamma, quantile=quantile,
-        adaptive_quantiles=adaptive_quantiles, threshold=threshold, vds_scope=vds_scope,
-        temperature=temperature, reduction=reduction, vocab_size=vocab_size,
-        detach_target_prior=detach_target_prior, return_per_token=return_per_token,
-        process_group=process_group, sync_metrics=sync_metrics,
-    )
-    text = V.check_text_streams(mode, (V.LOGIT_NAMES[1], V.LOGIT_NAMES[3]), student_text_logits, teacher_text_logits)
+    opts = VGSOptions.from_keywords(options, "vgs_loss")
+    text = V.check_text_streams(opts.mode, (V.LOGIT_NAMES[1], V.LOGIT_NAMES[3]), student_text_logits, teacher_text_logits)
     if not text:  # standard mode without the text view: the image streams stand in (never differentiated)
         student_text_logits, teacher_text_logits = student_logits, teacher_logits
     logits = (student_logits, student_text_logits, teacher_logits, teacher_text_logits)
     lead = V.check_pairs(V.LOGIT_NAMES, logits, (2, 3))
     V.check_nonempty(V.LOGIT_NAMES, logits, "vocabulary (V=0)")
     vocab = V.check_vocab(
-        vocab_size, (V.LOGIT_NAMES[0], student_logits.shape[-1]), (V.LOGIT_NAMES[2], teacher_logits.shape[-1])
+        opts.vocab_size, (V.LOGIT_NAMES[0], student_logits.shape[-1]), (V.LOGIT_NAMES[2], teacher_logits.shape[-1])
     )
     rows = _Rows.build(lead, student_logits.device, mask, weights, cu_seqlens, gate, opts)
     be = resolve(backend, student_logits.device)
@@ -156,6 +137,7 @@ def vgs_loss(
     return _output(result, valid_idx, lead, opts, text)
 
 
+@takes_loss_keywords
 def fused_linear_vgs_loss(
     student_hidden: torch.Tensor,
     student_text_hidden: torch.Tensor,
@@ -171,22 +153,8 @@ def fused_linear_vgs_loss(
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    mode: str = "vgs",
-    alpha: float = 2.0,
-    beta: float = 0.01,
-    gamma: float = 1.0,
-    quantile: float = 0.7,
-    adaptive_quantiles: tuple[float, float] = (0.4, 0.7),
-    threshold: float | tuple[float, float] | None = None,
-    vds_scope: str = "global",
-    temperature: float = 1.0,
-    reduction: str = "sequence",
-    vocab_size: int | None = None,
-    detach_target_prior: bool = True,
-    return_per_token: bool = False,
-    process_group=None,
-    sync_metrics: bool = True,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
+    **options: Unpack[VGSKeywords],
 ) -> VGSOutput:
     """VGS loss from hidden states and lm_head weights, never materialising all [B*T, V] logits.
 
@@ -213,14 +181,8 @@ def fused_linear_vgs_loss(
     When a hidden state's dtype differs from its weight's (mixed precision), the GEMMs run in
     the hidden state's dtype; gradients are returned in each input's own dtype.
     """
-    opts = VGSOptions(
-        mode=mode, alpha=alpha, beta=beta, gamma=gamma, quantile=quantile,
-        adaptive_quantiles=adaptive_quantiles, threshold=threshold, vds_scope=vds_scope,
-        temperature=temperature, reduction=reduction, vocab_size=vocab_size,
-        detach_target_prior=detach_target_prior, return_per_token=return_per_token,
-        process_group=process_group, sync_metrics=sync_metrics,
-    )
-    text = V.check_text_streams(mode, (V.HIDDEN_NAMES[1], V.HIDDEN_NAMES[3]), student_text_hidden, teacher_text_hidden)
+    opts = VGSOptions.from_keywords(options, "fused_linear_vgs_loss")
+    text = V.check_text_streams(opts.mode, (V.HIDDEN_NAMES[1], V.HIDDEN_NAMES[3]), student_text_hidden, teacher_text_hidden)
     if not text:  # standard mode without the text view: the image streams stand in, computed once
         student_text_hidden, teacher_text_hidden = student_hidden, teacher_hidden
     hidden = (student_hidden, student_text_hidden, teacher_hidden, teacher_text_hidden)
@@ -232,7 +194,7 @@ def fused_linear_vgs_loss(
     wt = V.check_weight("teacher_weight", teacher_weight, "teacher_hidden", teacher_hidden)
     bs = V.check_bias("student_bias", student_bias, "student_weight", ws)
     bt = V.check_bias("teacher_bias", teacher_bias, "teacher_weight", wt)
-    vocab = V.check_vocab(vocab_size, ("student_weight", ws.shape[0]), ("teacher_weight", wt.shape[0]))
+    vocab = V.check_vocab(opts.vocab_size, ("student_weight", ws.shape[0]), ("teacher_weight", wt.shape[0]))
     V.check_chunk_size(chunk_size)
     if opts.reduction == "none":
         raise ValueError(

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import fields
+import inspect
+from typing import Unpack
 
-import torch
 from torch import nn
 
 from . import validation as V
 from .backends import NAMES as BACKEND_NAMES
 from .loss import VGSOutput, fused_linear_vgs_loss
-from .options import VGSOptions
+from .options import VGSKeywords, VGSOptions
 
-_OPTION_NAMES = tuple(f.name for f in fields(VGSOptions))
+# what forward takes: the tensors of fused_linear_vgs_loss (its keywords go to the constructor)
+_CALL = inspect.signature(fused_linear_vgs_loss)
+_CONSTRUCTOR = ("chunk_size", "backend", *VGSOptions.__dataclass_fields__)
+_FORWARD = _CALL.replace(parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)] + [
+    p for name, p in _CALL.parameters.items() if name not in _CONSTRUCTOR])
 
 
 class VGSLoss(nn.Module):
@@ -22,50 +26,35 @@ class VGSLoss(nn.Module):
     >>> out = loss_fn(h_s, h_sp, lm_head_s.weight, h_t, h_tp, lm_head_t.weight, mask)
     """
 
-    def __init__(self, *, chunk_size: int | None = None, backend: str = "auto", **keywords):
+    def __init__(self, *, chunk_size: int | None = None, backend: str = "auto", **options: Unpack[VGSKeywords]):
         super().__init__()
         # fail at construction, not at the first step
-        unknown = sorted(set(keywords) - set(_OPTION_NAMES))
-        if unknown:
-            raise ValueError(
-                f"VGSLoss got unknown keyword(s) {unknown}; expected chunk_size, backend or one of "
-                f"{_OPTION_NAMES}"
-            )
         V.check_chunk_size(chunk_size)
         if backend not in BACKEND_NAMES:
             raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {backend!r}")
-        VGSOptions(**keywords)
-        if keywords.get("reduction") == "none":
+        self.options = VGSOptions.from_keywords(options, "VGSLoss")
+        if self.options.reduction == "none":
             raise ValueError(
                 "VGSLoss runs fused_linear_vgs_loss, which refuses reduction='none' (it would need the [N, V] "
                 "logits): pass per-token multipliers as weights= to forward with reduction='sum'"
             )
-        self.keywords = dict(keywords, chunk_size=chunk_size, backend=backend)
+        self.chunk_size, self.backend = chunk_size, backend
 
-    def forward(
-        self,
-        student_hidden: torch.Tensor,
-        student_text_hidden: torch.Tensor | None,
-        student_weight: torch.Tensor,
-        teacher_hidden: torch.Tensor,
-        teacher_text_hidden: torch.Tensor | None,
-        teacher_weight: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        student_bias: torch.Tensor | None = None,
-        teacher_bias: torch.Tensor | None = None,
-        *,
-        weights: torch.Tensor | None = None,
-        cu_seqlens: torch.Tensor | None = None,
-        gate: torch.Tensor | None = None,
-    ) -> VGSOutput:
-        """The per-batch tensors (``weights``, ``cu_seqlens``, ``gate``) go here, the fixed keywords
-        to the constructor; see :func:`vgs_kernels.fused_linear_vgs_loss`."""
-        return fused_linear_vgs_loss(
-            student_hidden, student_text_hidden, student_weight,
-            teacher_hidden, teacher_text_hidden, teacher_weight, mask,
-            student_bias=student_bias, teacher_bias=teacher_bias, weights=weights, cu_seqlens=cu_seqlens,
-            gate=gate, **self.keywords,
-        )
+    def forward(self, *tensors, **per_batch) -> VGSOutput:
+        """The tensors of :func:`vgs_kernels.fused_linear_vgs_loss` (hidden states, lm_head weights and
+        biases, mask, and per batch ``weights``, ``cu_seqlens``, ``gate``); the keywords are the
+        constructor's."""
+        try:
+            _FORWARD.bind(self, *tensors, **per_batch)
+        except TypeError as exc:
+            raise TypeError(f"VGSLoss.forward: {exc} (the loss keywords go to the constructor)") from None
+        return fused_linear_vgs_loss(*tensors, **per_batch, chunk_size=self.chunk_size, backend=self.backend,
+                                     **self.options.keywords())
+
+    forward.__signature__ = _FORWARD
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.keywords.items())
+        changed = {k: v for k, v in self.options.keywords().items()
+                   if v != VGSOptions.__dataclass_fields__[k].default}
+        return ", ".join(f"{k}={v!r}" for k, v in {**changed, "chunk_size": self.chunk_size,
+                                                     "backend": self.backend}.items())

@@ -1,10 +1,28 @@
-"""Keyword options of the VGS loss, validated once and shared by every backend."""
+"""The loss keywords, declared once.
+
+``VGSKeywords`` is the one list: each keyword's type, default, meaning and whether it is a training setting
+(one a trainer's config carries, as opposed to a per-call switch). Everything else is derived from it:
+
+* ``VGSOptions``, the validated frozen record every backend reads (generated from the list, checks below);
+* the keyword-only parameters of ``vgs_loss`` / ``fused_linear_vgs_loss`` (:func:`takes_loss_keywords` puts
+  them into the functions' signatures and docstrings; type checkers read them through ``Unpack``);
+* ``VGSLoss``'s constructor, the training config's ``loss`` section, the TRL config's ``vgs_*`` fields and the
+  verl engine's ``override_config.vgs_*`` keys (``SETTINGS``), and the README's keyword table
+  (:func:`keyword_table`).
+
+A new keyword is one line here (plus its check, if it needs one) and the code that reads it
+(docs/design.md); tests/test_keywords.py fails when a surface misses it.
+"""
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
-from dataclasses import dataclass
-from typing import Any
+import re
+from dataclasses import dataclass, make_dataclass
+from dataclasses import field as _field
+from typing import Annotated, Any, TypedDict, get_args, get_origin, get_type_hints
 
 from . import modes as _modes
 
@@ -20,37 +38,85 @@ MIN_TEMPERATURE = 1e-6
 
 
 @dataclass(frozen=True)
-class VGSOptions:
-    """The loss keywords (everything but the tensors and the backend; their meaning: docs/math.md).
+class Option:
+    """One keyword's default and meaning (markdown, for the README table and the docstrings).
 
-    ``threshold`` is ``None`` (use quantiles of the batch's VDS), a float (the gate threshold
-    theta), or, in ``mode="adaptive"`` only, a pair ``(theta_low, theta_high)`` for the ramp.
-    ``alpha``, ``beta``, ``gamma`` are finite numbers and ``temperature`` a finite number
-    ``>= MIN_TEMPERATURE`` (1e-6; smaller values would overflow the finite stand-in for -inf
-    logits); none of them may be a bool. ``detach_target_prior``, ``return_per_token`` and
-    ``sync_metrics`` must be real bools (a string such as ``"no"`` is rejected, not read as true).
+    setting: a training setting, carried by the trainers' configs (False: a per-call switch)."""
 
-    ``process_group`` (a ``torch.distributed`` process group, or None for the default group) is the
-    group whose ranks' VDS values the quantile gathers with ``vds_scope="global"``; it is refused
-    with ``vds_scope="local"``, where nothing is gathered. ``sync_metrics=False`` leaves the metrics
-    as tensors on the inputs' device instead of reading them to the host with ``.item()``.
-    """
+    default: Any
+    doc: str
+    setting: bool = True
 
-    mode: str = "vgs"
-    alpha: float = 2.0
-    beta: float = 0.01
-    gamma: float = 1.0
-    quantile: float = 0.7
-    adaptive_quantiles: tuple[float, float] = (0.4, 0.7)
-    threshold: float | tuple[float, float] | None = None
-    vds_scope: str = "global"
-    temperature: float = 1.0
-    reduction: str = "sequence"
-    vocab_size: int | None = None
-    detach_target_prior: bool = True
-    return_per_token: bool = False
-    process_group: Any = None
-    sync_metrics: bool = True
+
+class VGSKeywords(TypedDict, total=False):
+    """The loss keywords of ``vgs_loss``, ``fused_linear_vgs_loss`` and ``VGSLoss``."""
+
+    mode: Annotated[str, Option(
+        "vgs", "`standard`: KL(p‖q). `vgs`: + α·KL(p‖r) + β·gate·KL(p'‖q'). `adaptive`: + α·w_t·KL(p‖r) + "
+        "β·gate·KL(p'‖q'), w_t = clip((VDS−θ_0.4)/(θ_0.7−θ_0.4), 0, 1). `language`: + α·KL(p'‖q') + β·gate·KL(p‖r)")]
+    alpha: Annotated[float, Option(2.0, "weight of the steered term (the visual term in `vgs` mode)")]
+    beta: Annotated[float, Option(0.01, "weight of the gated term")]
+    gamma: Annotated[float, Option(
+        1.0, "gradient-norm normaliser multiplying the loss (paper: 0.41 for 2B, 0.36 for 4B students at α = 2)")]
+    quantile: Annotated[float, Option(
+        0.7, "gate = VDS > its `quantile`-quantile over valid tokens (the top 30 %)")]
+    adaptive_quantiles: Annotated[tuple[float, float], Option(
+        (0.4, 0.7), "the ramp's ends in `adaptive` mode")]
+    threshold: Annotated[float | tuple[float, float] | None, Option(
+        None, "a fixed gate threshold instead of the quantile (`adaptive`: a pair (low, high))")]
+    vds_scope: Annotated[str, Option(
+        "global", "`global`: quantile over all ranks' tokens when `torch.distributed` is initialised (an "
+        "all-gather inside every call: see [the VDS collective](#micro-batches-dynamic-batching-and-the-vds-"
+        "collective)); `local`: this rank's")]
+    temperature: Annotated[float, Option(1.0, "τ dividing every logit row (at least 1e-6)")]
+    reduction: Annotated[str, Option(
+        "sequence", "`sequence`: mean per sequence, then over non-empty sequences; `token`: mean over valid "
+        "tokens; `sum`: γ·Σ weight·objective over valid tokens (you normalise, e.g. by a global token count); "
+        "`none` (`vgs_loss` only): per-token losses shaped like the mask, 0 on masked tokens, differentiable "
+        "for any upstream gradient")]
+    vocab_size: Annotated[int | None, Option(
+        None, "use ids [0, N) only (Qwen's lm_head has 151936 rows, its tokenizer fewer)", setting=False)]
+    detach_target_prior: Annotated[bool, Option(
+        True, "stop-gradient on z_sp inside r; False adds (r − p)/τ to z_sp's gradient")]
+    return_per_token: Annotated[bool, Option(
+        False, "also return `out.per_token`: [B, T] std, vis, lang, vds, gate, objective", setting=False)]
+    process_group: Annotated[Any, Option(
+        None, "with `vds_scope=\"global\"`: the group whose ranks' VDS the quantile gathers (None: the default "
+        "group)", setting=False)]
+    sync_metrics: Annotated[bool, Option(
+        True, "False: `out.metrics` stay 0-d device tensors (no `.item()` host sync for them; `threshold` stays "
+        "a float)", setting=False)]
+
+
+_HINTS = get_type_hints(VGSKeywords, include_extras=True)
+OPTIONS: dict[str, Option] = {name: hint.__metadata__[0] for name, hint in _HINTS.items()}
+TYPES: dict[str, Any] = {name: hint.__origin__ for name, hint in _HINTS.items()}
+NAMES = tuple(OPTIONS)
+# the keywords a trainer's config carries (the others are per-call switches its loop sets itself)
+SETTINGS = tuple(name for name, opt in OPTIONS.items() if opt.setting)
+
+
+def setting_fields(prefix: str = "", *, exclude: tuple[str, ...] = (), types: dict[str, Any] | None = None):
+    """The training settings as ``dataclasses.make_dataclass`` fields ``(prefix + name, type, field)``, for a
+    trainer's config: the default, and the meaning as ``metadata["help"]`` (what ``HfArgumentParser``
+    prints). A pair is a list in a config (YAML and argparse have no tuples); ``types`` overrides a type
+    where the config's parser needs another."""
+    out = []
+    for name in SETTINGS:
+        if name in exclude:
+            continue
+        tp, default = (types or {}).get(name, TYPES[name]), OPTIONS[name].default
+        meta = {"help": _plain(OPTIONS[name].doc)}
+        if get_origin(tp) is tuple:
+            out.append((prefix + name, list[get_args(tp)[0]], _field(default_factory=lambda d=default: list(d),
+                                                                      metadata=meta)))
+        else:
+            out.append((prefix + name, tp, _field(default=default, metadata=meta)))
+    return out
+
+
+class _Checks:
+    """The checks of ``VGSOptions`` (its fields are generated from ``VGSKeywords``)."""
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -122,7 +188,6 @@ class VGSOptions:
             )
         object.__setattr__(self, "threshold", float(t))
 
-
     def _check_process_group(self) -> None:
         pg = self.process_group
         if pg is None:
@@ -136,6 +201,70 @@ class VGSOptions:
 
         if not (dist.is_available() and isinstance(pg, dist.ProcessGroup)):
             raise ValueError(f"process_group must be a torch.distributed ProcessGroup or None, got {pg!r}")
+
+    @classmethod
+    def from_keywords(cls, keywords: dict[str, Any], caller: str):
+        """``VGSOptions(**keywords)``, a misspelt keyword refused as Python refuses one, naming ``caller``."""
+        for name in keywords:
+            if name not in OPTIONS:
+                close = difflib.get_close_matches(name, NAMES, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; the loss keywords are {', '.join(NAMES)}"
+                raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}{hint}")
+        return cls(**keywords)
+
+    def keywords(self) -> dict[str, Any]:
+        """The options as loss keywords (``vgs_loss(..., **opts.keywords())``)."""
+        return {name: getattr(self, name) for name in NAMES}
+
+
+VGSOptions = make_dataclass(
+    "VGSOptions",
+    [(name, TYPES[name], _field(default=opt.default)) for name, opt in OPTIONS.items()],
+    bases=(_Checks,),
+    frozen=True,
+    namespace={"__module__": __name__, "__doc__": """The loss keywords, validated once and shared by every backend.
+
+    Fields: ``VGSKeywords`` (name, type, default, meaning; docs/math.md for the maths). ``threshold`` is
+    ``None`` (use quantiles of the batch's VDS), a float (the gate threshold theta), or, in
+    ``mode="adaptive"`` only, a pair ``(theta_low, theta_high)`` for the ramp. ``alpha``, ``beta``, ``gamma``
+    are finite numbers and ``temperature`` a finite number ``>= MIN_TEMPERATURE``; none of them may be a
+    bool. ``detach_target_prior``, ``return_per_token`` and ``sync_metrics`` must be real bools (a string
+    such as ``"no"`` is rejected, not read as true). ``process_group`` is refused with ``vds_scope="local"``,
+    where nothing is gathered. A bad value raises ValueError naming the keyword.
+    """},
+)
+
+
+def takes_loss_keywords(fn):
+    """Give ``fn``, which takes the loss keywords as ``**options``, their keyword-only parameters in its
+    signature (``help()``, ``inspect.signature``, IDE call tips) and their meanings in its docstring."""
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD:
+        raise TypeError(f"{fn.__qualname__} must end with **options to take the loss keywords")
+    keywords = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt.default, annotation=TYPES[name])
+                for name, opt in OPTIONS.items()]
+    fn.__signature__ = sig.replace(parameters=params[:-1] + keywords)
+    lines = [f"        {name} (default {_default(name)}): {_plain(opt.doc)}" for name, opt in OPTIONS.items()]
+    fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n\n    Loss keywords:\n" + "\n".join(lines) + "\n"
+    return fn
+
+
+def keyword_table() -> str:
+    """The README's keyword table (markdown): one row per loss keyword."""
+    rows = ["| keyword | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{name}` | {_default(name, markdown=True)} | {opt.doc} |" for name, opt in OPTIONS.items()]
+    return "\n".join(rows)
+
+
+def _default(name: str, markdown: bool = False) -> str:
+    value = OPTIONS[name].default
+    return f"`{value!r}`".replace("'", '"') if markdown and isinstance(value, str) else repr(value)
+
+
+def _plain(doc: str) -> str:
+    """Markdown to docstring text: no backticks, links as their text."""
+    return re.sub(r"\[([^\]]+)\]\([^)]+\)", r"\1", doc).replace("`", "")
 
 
 def _finite(x: object) -> bool:

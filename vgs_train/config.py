@@ -22,6 +22,8 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from vgs_kernels.options import SETTINGS, setting_fields
+
 from .rewards import get_reward_fn
 
 # loss.method -> the mode of the VGS loss it distils with (docs/math.md, "Objectives")
@@ -118,21 +120,17 @@ class RolloutConfig:
     samples_per_prompt: int = 1
 
 
+# loss.alpha, loss.beta, loss.quantile, ...: the loss keywords' training settings, with their defaults, from
+# their one declaration (vgs_kernels.options.VGSKeywords); mode is loss.method's
+_LossSettings = dataclasses.make_dataclass("_LossSettings", setting_fields(exclude=("mode",)))
+
+
 @dataclass
-class LossConfig:
+class LossConfig(_LossSettings):
     method: str = "vgs"  # opd | vgs | vgs-adaptive | language-steering | grpo | grpo+opd | grpo+vgs
-    alpha: float = 2.0
-    beta: float = 0.01
     gamma: Any = 1.0  # a number, "auto" (measure over the first gamma_calibration_steps, then freeze) or a
     #                   preset name (qwen3-vl-2b = 0.41, qwen3-vl-4b = 0.36; alpha = 2 only)
     gamma_calibration_steps: int = 10
-    quantile: float = 0.7
-    adaptive_quantiles: list = field(default_factory=lambda: [0.4, 0.7])
-    threshold: Any = None
-    vds_scope: str = "global"
-    temperature: float = 1.0
-    reduction: str = "sequence"
-    detach_target_prior: bool = True
     chunk_size: Any = None
     backend: str = "auto"
 
@@ -397,14 +395,10 @@ class TrainConfig:
         unless given, ``gamma`` numeric (presets resolved, ``auto`` -> 1.0 until calibrated) unless given.
         vgs-calibrate and vgs-analyze pass ``mode=steering_mode(cfg.loss_mode), gamma=1.0``."""
         lc = self.loss
-        thr = lc.threshold
-        if isinstance(thr, list):
-            thr = tuple(thr)
-        return dict(mode=mode or self.loss_mode or "standard", alpha=lc.alpha, beta=lc.beta,
-                    gamma=self.gamma_value() if gamma is None else gamma, quantile=lc.quantile,
-                    adaptive_quantiles=tuple(lc.adaptive_quantiles), threshold=thr, vds_scope=lc.vds_scope,
-                    temperature=lc.temperature, reduction=lc.reduction,
-                    detach_target_prior=lc.detach_target_prior, chunk_size=lc.chunk_size, backend=lc.backend)
+        kw = {name: getattr(lc, name) for name in SETTINGS if name != "mode"}
+        kw.update(mode=mode or self.loss_mode or "standard", gamma=self.gamma_value() if gamma is None else gamma,
+                  chunk_size=lc.chunk_size, backend=lc.backend)
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
 
     def cache_dir(self) -> str:
         d = self.embedded.cache_dir or os.environ.get("VGS_TRAIN_CACHE") or os.path.join(

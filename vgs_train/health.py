@@ -21,7 +21,7 @@ import torch
 from .config import HealthConfig
 
 SIGNALS = {
-    "acc_drop": "rollout accuracy fell far under its start",
+    "acc_drop": "rollout accuracy fell far under its best",
     "truncated": "many responses hit rollout.max_new_tokens (no end token)",
     "std_rise": "the standard divergence KL(p||q) to the teacher is rising",
     "prior_gap": "the student's text-only prior moved away from the teacher's on low-VDS tokens",

@@ -1,5 +1,6 @@
 """Generated README sections: the text between ``<!-- NAME:start -->`` and ``<!-- NAME:end -->`` is replaced
-by a tool's rendering of its results JSON (the demo's table, vgs-analyze's angles), never edited by hand."""
+by a tool's rendering of its results JSON (the demo's table, vgs-analyze's angles) or of a declaration in the
+code (the loss keywords' table: ``python -m vgs_train.readme README.md``), never edited by hand."""
 
 from __future__ import annotations
 
@@ -29,3 +30,20 @@ def write_section(path: str, name: str, text: str) -> None:
     with open(path, "w") as f:
         f.write(new)
     print(f"wrote the {name} section of {path}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vgs_train.readme README.md``: regenerate the sections that come from code, not from a run
+    (the loss keywords' table, from their one declaration in ``vgs_kernels.options``)."""
+    import argparse
+
+    from vgs_kernels.options import keyword_table
+
+    ap = argparse.ArgumentParser(prog="python -m vgs_train.readme", description=main.__doc__)
+    ap.add_argument("readme", help="the README to update in place")
+    args = ap.parse_args(argv)
+    write_section(args.readme, "keywords", keyword_table())
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,7 @@ NAMES = ("auto", "reference", "torch", "triton", "cpu", "cuda")
 # What ``auto`` tries on CUDA tensors, first available first. Triton before the CUDA kernel: both move the
 # same bytes per row (memory-bound on H100 / H200 in the cost model), and compiled for sm_90 the Triton kernel
 # issues fewer instructions per logit (pass A 50 vs 64, pass B 42 vs 86; 79 vs 80 registers, no spills:
-# ``python -m benchmarks.sass``, the CUDA kernel's SASS from nvcc). ``make gpu-check``'s row_kernels step
+# docs/kernels.md: how they were read from the compiled SASS). ``make gpu-check``'s row_kernels step
 # measures both and says when a measurement disagrees with this order.
 CUDA_ORDER = ("triton", "cuda", "torch")
 CPU_ORDER = ("cpu", "torch")

@@ -50,28 +50,6 @@ WITH_CUDA = bool(getattr(_C, "WITH_CUDA", 0))
 CPU_ISA = str(getattr(_C, "CPU_ISA", "unknown"))
 
 
-def _op():
-    return torch.ops.vgs_kernels.vgs_rows.default
-
-
-def vgs_rows(
-    zs: torch.Tensor,
-    zsp: torch.Tensor,
-    zt: torch.Tensor,
-    ztp: torch.Tensor,
-    coef: torch.Tensor,
-    *,
-    temperature: float,
-    detach_target_prior: bool,
-    grad_zs: torch.Tensor | None = None,
-    grad_zsp: torch.Tensor | None = None,
-    vocab: int | None = None,
-) -> torch.Tensor:
-    """The row contract of :func:`vgs_kernels.backends.torch_rows.vgs_rows`, run by the extension."""
-    return _op()(zs, zsp, zt, ztp, coef, float(temperature), bool(detach_target_prior), grad_zs, grad_zsp,
-                 None if vocab is None else int(vocab))
-
-
 def rows_fn(device: str):
     """The extension's row function for ``device`` ("cpu" or "cuda"); ImportError if not built for it."""
     if device == "cuda" and not WITH_CUDA:
@@ -81,4 +59,5 @@ def rows_fn(device: str):
         )
     if device not in ("cpu", "cuda"):
         raise ImportError(f"vgs_kernels._C has no {device} kernel")
-    return vgs_rows
+    # the operator itself: its schema's names and defaults are the row contract's
+    return torch.ops.vgs_kernels.vgs_rows.default

@@ -28,6 +28,9 @@ stand-in giving probability exactly 0), so masked vocabulary entries never produ
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 # A finite stand-in for -inf logits: exp() of it underflows to 0, products with 0 stay 0. It stays
@@ -91,3 +94,21 @@ def vgs_rows(
         grad_zsp[:, :vocab].copy_(g / tau)
         grad_zsp[:, vocab:].zero_()
     return torch.stack([std, vis, lang, vds], dim=1).float()
+
+
+CONTRACT = inspect.signature(vgs_rows)
+
+
+def follows_row_contract(kernel):
+    """``kernel(zs, zsp, zt, ztp, coef, temperature, detach_target_prior, grad_zs, grad_zsp, vocab)`` (all
+    positional) called with the row contract's signature: :func:`vgs_rows`'s names, keyword-only options and
+    defaults, declared there once."""
+
+    @functools.wraps(kernel)
+    def rows(*args, **kwargs):
+        bound = CONTRACT.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return kernel(*bound.arguments.values())
+
+    rows.__signature__ = CONTRACT
+    return rows

@@ -33,7 +33,7 @@ entropy does the same). When the driver's correction pass feeds the text-only pa
 reads just those two streams (2 reads, 4 with the gradient). The GEMMs around it are the driver's
 (:mod:`vgs_kernels.driver`).
 
-Compiled for sm_90 (``python -m benchmarks.sass``, Triton 3.6, bf16, the pass-1 launch with both
+Compiled for sm_90 (docs/kernels.md; Triton 3.6, bf16, the pass-1 launch with both
 gradients at the default 8 entries x 256 threads): 79 registers, no stack or spill bytes, about 50
 instructions per logit in pass A (5.6 of them ``MUFU.EX2``) and 42 in pass B; the tests fail above 128
 registers or on any stack byte. All arithmetic is fp32; fp64 inputs fall back to the torch row
@@ -309,7 +309,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# (THREADS, PER_THREAD, num_warps) to use on CUDA instead of ``cuda_config`` (benchmarks sweep it); None: default.
+# (THREADS, PER_THREAD, num_warps) to use on CUDA instead of ``cuda_config`` (for sweeps); None: default.
 CONFIG_OVERRIDE: tuple[int, int, int] | None = None
 
 
@@ -335,19 +335,8 @@ def _row_major(z: torch.Tensor) -> torch.Tensor:
     return z if z.stride(-1) == 1 or z.shape[-1] <= 1 else z.contiguous()
 
 
-def vgs_rows(
-    zs: torch.Tensor,
-    zsp: torch.Tensor,
-    zt: torch.Tensor,
-    ztp: torch.Tensor,
-    coef: torch.Tensor,
-    *,
-    temperature: float,
-    detach_target_prior: bool,
-    grad_zs: torch.Tensor | None = None,
-    grad_zsp: torch.Tensor | None = None,
-    vocab: int | None = None,
-) -> torch.Tensor:
+@torch_rows.follows_row_contract
+def vgs_rows(zs, zsp, zt, ztp, coef, temperature, detach_target_prior, grad_zs, grad_zsp, vocab) -> torch.Tensor:
     """Four KLs per row ([n, 4] fp32) and optionally the logit gradients; see torch_rows."""
     if zs.dtype == torch.float64:
         return torch_rows.vgs_rows(

@@ -47,6 +47,8 @@ from typing import Any
 
 import torch
 
+from vgs_kernels.options import VGSOptions, setting_fields
+
 try:
     from trl import DistillationConfig, DistillationTrainer
     from trl.data_utils import is_conversational, prepare_multimodal_messages
@@ -60,36 +62,26 @@ from ..distributed import global_counts, prepare_sharded_lm_head, reduce_metrics
 from ..pipeline import Hidden, head_loss
 from ..views import MULTIMODAL_KEYS, backbone_response_hidden
 
+# the vgs_* fields: the loss keywords' training settings, from their one declaration
+# (vgs_kernels.options.VGSKeywords); a fixed threshold only (argparse takes one type per flag)
+_VGSSettings = dataclasses.make_dataclass(
+    "_VGSSettings", setting_fields("vgs_", types={"threshold": float | None}))
+
 
 @dataclasses.dataclass
-class VGSDistillationConfig(DistillationConfig):
+class VGSDistillationConfig(DistillationConfig, _VGSSettings):
     """TRL's ``DistillationConfig`` with the VGS loss keywords as ``vgs_*`` fields: set them in the YAML a
     ``TrlParser`` reads, or as ``--vgs_alpha 2.0`` on its command line; they are saved with the training
     arguments. (``beta``, TRL's JSD interpolation, is unused: the VGS weight of the gated term is ``vgs_beta``.)
     ``vgs_temperature`` None: TRL's ``temperature``."""
 
-    vgs_mode: str = dataclasses.field(default="vgs", metadata={"help": "standard | vgs | adaptive | language"})
-    vgs_alpha: float = dataclasses.field(default=2.0, metadata={"help": "weight of the visual term"})
-    vgs_beta: float = dataclasses.field(default=0.01, metadata={"help": "weight of the gated term"})
-    vgs_gamma: float = dataclasses.field(default=1.0, metadata={
-        "help": "gradient-norm normaliser (0.41 for Qwen3-VL-2B, 0.36 for 4B students at alpha 2)"})
-    vgs_quantile: float = dataclasses.field(default=0.7, metadata={"help": "gate: VDS above this quantile"})
-    vgs_adaptive_quantiles: list[float] = dataclasses.field(default_factory=lambda: [0.4, 0.7], metadata={
-        "help": "adaptive mode's ramp ends"})
-    vgs_threshold: float | None = dataclasses.field(default=None, metadata={"help": "a fixed gate threshold"})
-    vgs_vds_scope: str = dataclasses.field(default="global", metadata={"help": "global | local"})
-    vgs_reduction: str = dataclasses.field(default="sequence", metadata={"help": "sequence | token"})
     vgs_temperature: float | None = dataclasses.field(default=None, metadata={
         "help": "tau of the loss (default: temperature)"})
-    vgs_detach_target_prior: bool = dataclasses.field(default=True, metadata={
-        "help": "stop-gradient on the target's text-only prior"})
     vgs_chunk_size: int | None = dataclasses.field(default=None, metadata={"help": "token rows per chunk"})
     vgs_backend: str = dataclasses.field(default="auto", metadata={"help": "auto | torch | triton | cpu | cuda"})
 
     def __post_init__(self):
         super().__post_init__()
-        from vgs_kernels.options import VGSOptions
-
         try:  # the same check every backend runs: a bad value fails here, naming its vgs_ field
             VGSOptions(**{k: v for k, v in self.vgs_kwargs().items() if k not in ("chunk_size", "backend")})
         except ValueError as exc:
@@ -97,24 +89,22 @@ class VGSDistillationConfig(DistillationConfig):
 
     def vgs_kwargs(self) -> dict:
         """The ``fused_linear_vgs_loss`` keywords of the ``vgs_*`` fields (temperature: TRL's when unset)."""
-        kw = {f.name[len("vgs_"):]: getattr(self, f.name) for f in dataclasses.fields(self)
-              if f.name.startswith("vgs_")}
-        kw["adaptive_quantiles"] = tuple(kw["adaptive_quantiles"])
-        if kw["temperature"] is None:
-            kw["temperature"] = self.temperature
-        return kw
-
+        return _keywords({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, self.temperature)
 
 
 def default_vgs_kwargs() -> dict:
     """The ``vgs_*`` fields' defaults as loss keywords (temperature None: the trainer's)."""
-    out = {}
-    for f in dataclasses.fields(VGSDistillationConfig):
-        if f.name.startswith("vgs_"):
-            out[f.name[len("vgs_"):]] = f.default_factory() if f.default_factory is not dataclasses.MISSING \
-                else f.default
-    out["adaptive_quantiles"] = tuple(out["adaptive_quantiles"])
-    return out
+    return _keywords({f.name: f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+                      for f in dataclasses.fields(VGSDistillationConfig)}, None)
+
+
+def _keywords(fields: dict, temperature) -> dict:
+    kw = {name[len("vgs_"):]: v for name, v in fields.items() if name.startswith("vgs_")}
+    kw["adaptive_quantiles"] = tuple(kw["adaptive_quantiles"])
+    if kw["temperature"] is None:
+        kw["temperature"] = temperature
+    return kw
+
 
 # inputs of the decoder backbone besides ids and mask (what TRL's image view carries, as in its own loss)
 _MM_KEYS = MULTIMODAL_KEYS

@@ -17,8 +17,8 @@ points (``examples/verl/`` holds the YAML and the launch script; docs/training.m
   (``vgs_train.distributed.run_with_lm_head``: under FSDP2 the whole lm_head weight is there);
 * **the settings**: ``actor_rollout_ref.model.override_config.vgs_*`` keys (verl copies them onto the
   student's HF config, where the engine reads them): ``vgs_teacher_path`` (a local folder), and the loss
-  keywords ``vgs_mode``, ``vgs_alpha``, ``vgs_beta``, ``vgs_gamma``, ``vgs_quantile``, ``vgs_vds_scope``,
-  ``vgs_temperature``, ``vgs_detach_target_prior``, ``vgs_chunk_size``, ``vgs_backend``.
+  keywords' training settings ``vgs_mode``, ``vgs_alpha``, ``vgs_beta``, ``vgs_gamma``, ``vgs_quantile``, ... (every
+  one but the reduction, which is verl's ``loss_agg_mode``: ``LOSS_KEYS``), ``vgs_chunk_size``, ``vgs_backend``.
 
 Importing this module registers both (verl imports it in every process through this package's
 ``verl.plugins`` entry point, or ``actor_rollout_ref.model.external_lib``). Log-probability passes
@@ -38,19 +38,22 @@ from typing import Any
 import torch
 
 from vgs_kernels.integrations import verl as vgs_verl
+from vgs_kernels.options import SETTINGS
 
 from ..distributed import run_with_lm_head, unwrap
 from ..views import backbone_response_hidden, build_views
 
-LOSS_KEYS = ("mode", "alpha", "beta", "gamma", "quantile", "vds_scope", "temperature", "detach_target_prior",
-             "chunk_size", "backend")
+# the vgs_* override keys: the loss keywords' training settings (vgs_kernels.options.VGSKeywords) but the
+# reduction, which is verl's loss_agg_mode, and the kernels' switches
+LOSS_KEYS = tuple(k for k in SETTINGS if k != "reduction") + ("chunk_size", "backend")
 MODEL_TYPE = "vgs_language_model"
 
 
 def loss_kwargs_from(hf_config) -> dict:
     """The VGS loss keywords set as ``vgs_<keyword>`` attributes of the student's HF config (verl copies
     ``actor_rollout_ref.model.override_config`` there)."""
-    return {k: getattr(hf_config, f"vgs_{k}") for k in LOSS_KEYS if getattr(hf_config, f"vgs_{k}", None) is not None}
+    out = {k: getattr(hf_config, f"vgs_{k}") for k in LOSS_KEYS if getattr(hf_config, f"vgs_{k}", None) is not None}
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in out.items()}
 
 
 # ----------------------------------------------------------------------------- views

@@ -1,10 +1,11 @@
-"""driver.mm_fp32: the fp32-output GEMM of the bf16/fp16 weight gradient works on a torch without
-``torch.mm(..., out_dtype=)`` (added around torch 2.8; pyproject allows torch >= 2.4)."""
+"""vgs_kernels.gemm: the fp32-output GEMMs of the lm_head gradients (mm_fp32) and the in-place fp32 accumulation
+of the weight gradient (accumulate_mm) on every path: CUDA's out_dtype overloads, the slab fallback of a torch
+whose addmm refuses an fp32 out with bf16 / fp16 operands, and the CPU's upcast."""
 
 import pytest
 import torch
 
-from vgs_kernels import driver
+from vgs_kernels import gemm
 
 
 def _operands(dtype=torch.bfloat16):
@@ -25,45 +26,11 @@ class _OldMM:
         return self.real(a, b)
 
 
-@pytest.mark.parametrize("exc", [TypeError, RuntimeError])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_missing_out_dtype_overload_falls_back_to_fp32(monkeypatch, exc, dtype):
-    monkeypatch.setattr(driver, "_mm_out_dtype_ok", None)
-    old = _OldMM(exc)
-    monkeypatch.setattr(torch, "mm", old)
-    a, b = _operands(dtype)
-    for _ in range(3):
-        out = driver._mm_low_precision_fp32_out(a, b)
-        assert out.dtype == torch.float32
-        torch.testing.assert_close(out, a.float() @ b.float())
-    assert old.out_dtype_calls == 1  # tried once, then the decision is cached
-    assert driver._mm_out_dtype_ok is False
-
-
-def test_out_dtype_overload_is_used_when_present(monkeypatch):
-    monkeypatch.setattr(driver, "_mm_out_dtype_ok", None)
-    calls = []
-
-    def mm(a, b, out_dtype=None):
-        calls.append(out_dtype)
-        return (a.float() @ b.float()).to(out_dtype)
-
-    monkeypatch.setattr(torch, "mm", mm)
-    a, b = _operands()
-    out = driver._mm_low_precision_fp32_out(a, b)
-    assert out.dtype == torch.float32 and calls == [torch.float32]
-    assert driver._mm_out_dtype_ok is True
-    # once the overload has worked, a later failure is a real error, not a reason to fall back
-    monkeypatch.setattr(torch, "mm", _OldMM(RuntimeError))
-    with pytest.raises(RuntimeError):
-        driver._mm_low_precision_fp32_out(a, b)
-
-
 def test_cpu_and_fp32_operands_never_use_the_overload(monkeypatch):
     old = _OldMM()
     monkeypatch.setattr(torch, "mm", old)
     a, b = _operands()
-    out = driver.mm_fp32(a.float(), b)
+    out = gemm.mm_fp32(a.float(), b)
     assert out.dtype == torch.float32 and old.out_dtype_calls == 0
     torch.testing.assert_close(out, a.float() @ b.float())
 
@@ -71,12 +38,12 @@ def test_cpu_and_fp32_operands_never_use_the_overload(monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_mm_fp32_matches_the_upcast_product():
     a, b = (t.cuda() for t in _operands())
-    out = driver.mm_fp32(a.float(), b)
+    out = gemm.mm_fp32(a.float(), b)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, a.float() @ b.float(), rtol=1e-5, atol=1e-5)
 
 
-# ---- in-place fp32 accumulation of the weight gradient (driver.accumulate_mm) ----
+# ---- in-place fp32 accumulation of the weight gradient (accumulate_mm) ----
 
 class _OldAddmm:
     """torch.addmm as on torch < 2.10: an fp32 ``self``/``out`` with bf16/fp16 operands is refused."""
@@ -97,9 +64,8 @@ def _mm_with_out_dtype(a, b, out_dtype=None):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_addmm_refusing_fp32_out_falls_back_to_bounded_slabs(monkeypatch, dtype):
-    monkeypatch.setattr(driver, "ADDMM_FP32_OUT", None)
-    monkeypatch.setattr(driver, "_mm_out_dtype_ok", None)
-    monkeypatch.setattr(driver, "ACCUMULATE_SLAB_ROWS", 4)
+    monkeypatch.setattr(gemm, "ADDMM_FP32_OUT", None)
+    monkeypatch.setattr(gemm, "ACCUMULATE_SLAB_ROWS", 4)
     old = _OldAddmm()
     monkeypatch.setattr(torch, "addmm", old)
     monkeypatch.setattr(torch, "mm", _mm_with_out_dtype)
@@ -109,13 +75,13 @@ def test_addmm_refusing_fp32_out_falls_back_to_bounded_slabs(monkeypatch, dtype)
     want = out + 0.25 * (a.float() @ b.float())
     ptr = out.data_ptr()
     for _ in range(2):
-        driver._addmm_low_precision_fp32_out(out, a, b, 0.125)
+        gemm._addmm_low_precision_fp32_out(out, a, b, 0.125)
     torch.testing.assert_close(out, want)
     assert out.data_ptr() == ptr and old.refused == 1  # in place; the refusal is remembered
 
 
 def test_addmm_with_fp32_out_is_used_in_place(monkeypatch):
-    monkeypatch.setattr(driver, "ADDMM_FP32_OUT", None)
+    monkeypatch.setattr(gemm, "ADDMM_FP32_OUT", None)
     calls = []
 
     def addmm(self, a, b, *, out_dtype=None, alpha=1.0, beta=1.0, out=None):
@@ -125,9 +91,9 @@ def test_addmm_with_fp32_out_is_used_in_place(monkeypatch):
     monkeypatch.setattr(torch, "addmm", addmm)
     a, b = _operands()
     out = torch.zeros(6, 7)
-    driver._addmm_low_precision_fp32_out(out, a, b, 2.0)
+    gemm._addmm_low_precision_fp32_out(out, a, b, 2.0)
     torch.testing.assert_close(out, 2.0 * (a.float() @ b.float()))
-    assert calls == [(torch.float32, True)] and driver.ADDMM_FP32_OUT is True
+    assert calls == [(torch.float32, True)] and gemm.ADDMM_FP32_OUT is True
 
 
 def test_cpu_accumulate_never_forms_an_out_sized_temporary():
@@ -150,7 +116,7 @@ def test_cpu_accumulate_never_forms_an_out_sized_temporary():
     a = torch.randn(c, V).bfloat16().t()
     b = torch.randn(c, H).bfloat16()
     with Shapes() as rec:
-        driver.accumulate_mm(out, a, b, 0.5)
+        gemm.accumulate_mm(out, a, b, 0.5)
     torch.testing.assert_close(out, 0.5 * (a.float() @ b.float()))
     assert (V, H) not in rec.shapes
 
@@ -166,7 +132,7 @@ def test_cuda_accumulate_is_in_place_and_fp32_accurate(dtype):
     from vgs_kernels import hooks
 
     with hooks.observe(rec := hooks.Recorder()):
-        driver.accumulate_mm(out, a.to(dtype).cuda(), b.to(dtype).cuda(), 0.5)
+        gemm.accumulate_mm(out, a.to(dtype).cuda(), b.to(dtype).cuda(), 0.5)
     assert out.data_ptr() == ptr and out.dtype == torch.float32
     torch.testing.assert_close(out.cpu(), want, rtol=1e-5, atol=1e-4)
     # torch >= 2.10 accumulates in place in one GEMM; the slab fallback is for older torches only
@@ -178,11 +144,11 @@ def test_cuda_accumulate_is_in_place_and_fp32_accurate(dtype):
 def test_forced_slab_fallback_on_the_cpu_is_reported(monkeypatch):
     from vgs_kernels import hooks
 
-    monkeypatch.setattr(driver, "ADDMM_FP32_OUT", False)
-    monkeypatch.setattr(driver, "ACCUMULATE_SLAB_ROWS", 4)
+    monkeypatch.setattr(gemm, "ADDMM_FP32_OUT", False)
+    monkeypatch.setattr(gemm, "ACCUMULATE_SLAB_ROWS", 4)
     a, b = _operands()
     out = torch.zeros(6, 7)
     with hooks.observe(rec := hooks.Recorder()):
-        driver.accumulate_mm(out, a, b, 2.0)
+        gemm.accumulate_mm(out, a, b, 2.0)
     torch.testing.assert_close(out, 2.0 * (a.float() @ b.float()))
     assert [e["path"] for e in rec.of("accumulate")] == ["slabs"]
