@@ -10,9 +10,14 @@ export TOKENIZERS_PARALLELISM := false
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# The install runs when what it depends on changed since the last one (the stamp): the package metadata, the
+# build script and the extension's sources (the Python code is installed editable: no reinstall for it).
 # triton 3.6.0: the Triton of the GPU image (torch 2.11 + CUDA 13); the tests compile the kernels for sm_90 with it
 # and run them in its interpreter, which turns 1-element arrays into ints (an error from NumPy 2.4 on): numpy < 2.4
-install: $(PY)
+STAMP := $(VENV)/.install-stamp
+install: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py vgs_kernels/_cuda_home.py $(wildcard csrc/*) | $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
 	@$(PY) -c "import triton, numpy, sys; sys.exit(triton.__version__ != '3.6.0' or \
 		tuple(map(int, numpy.__version__.split('.')[:2])) >= (2, 4))" \
@@ -20,9 +25,10 @@ install: $(PY)
 	$(PY) -m pip install -q "setuptools>=64" wheel
 	# --no-build-isolation: compile vgs_kernels._C against the torch installed above
 	$(PY) -m pip install -q --no-build-isolation -e ".[train,bench,dev,trl]"
+	@touch $@
 
 demo: install
-	$(PY) -m vgs_train.demo
+	$(PY) -m vgs_train.tools.demo
 
 # verl for the adapter's and the recipe's tests (tests/kernels/integrations/test_verl.py, tests/train/integrations/
 # test_verl_recipe.py: verl's own agg_loss / distillation_loss, its engine registry): the package without its
@@ -51,4 +57,4 @@ lint: install
 	$(PY) -m ruff check vgs_kernels vgs_train tests benchmarks
 
 clean:
-	rm -rf build *.egg-info vgs_kernels/_C*.so vgs_kernels/_C_build.txt
+	rm -rf build *.egg-info vgs_kernels/_C*.so vgs_kernels/_C_build.txt $(STAMP)

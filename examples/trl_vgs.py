@@ -41,10 +41,10 @@ class ScriptArguments:
 
 def tiny_setup(out_dir: str, n: int):
     """Tiny random Qwen3-VL student/teacher, the offline task tokenizer, and n synthetic rows."""
-    from vgs_train import synthetic
-    from vgs_train.data import load_image, load_jsonl
-    from vgs_train.embedded import build_tokenizer
-    from vgs_train.tiny import TinyModelConfig, build_processor, build_tiny_model
+    from vgs_train.data import synthetic
+    from vgs_train.data.examples import load_image, load_jsonl
+    from vgs_train.loops.embedded import build_tokenizer
+    from vgs_train.models.tiny import TinyModelConfig, build_processor, build_tiny_model
 
     tok = build_tokenizer("task")
     proc = build_processor(tok, min_pixels=32 * 32, max_pixels=64 * 64)
@@ -59,7 +59,7 @@ def tiny_setup(out_dir: str, n: int):
 
 
 def load_rows(path: str, limit: int = 0):
-    from vgs_train.data import load_dataset_rows, load_image
+    from vgs_train.data.examples import load_dataset_rows, load_image
 
     rows = load_dataset_rows(path)
     rows = rows[:limit] if limit else rows
@@ -116,7 +116,7 @@ def main(argv=None):
     import torch
 
     from vgs_train.integrations.trl import VGSDistillationTrainer
-    from vgs_train.views import REASONING_SYSTEM_PROMPT
+    from vgs_train.pipeline.views import REASONING_SYSTEM_PROMPT
 
     if script.tiny:
         steps = max(args.max_steps, 1)
@@ -126,7 +126,7 @@ def main(argv=None):
     else:
         if not (script.student and script.teacher and script.data):
             raise SystemExit("--student, --teacher and --data are needed (or --tiny)")
-        from vgs_train.modeling import load_model, load_processor
+        from vgs_train.models.modeling import load_model, load_processor
 
         proc = load_processor(script.student)
         student = load_model(script.student)

@@ -7,10 +7,10 @@ import os
 import pytest
 
 from vgs_kernels import VGSLoss, fused_linear_vgs_loss, vgs_loss
-from vgs_kernels.options import NAMES, OPTIONS, SETTINGS, VGSOptions, keyword_table
-from vgs_train import readme
+from vgs_kernels.options import BATCH, NAMES, OPTIONS, SETTINGS, VGSOptions, keyword_table
 from vgs_train.config import LossConfig
 from vgs_train.integrations.verl import LOSS_KEYS
+from vgs_train.tools import readme
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,6 +52,16 @@ def test_every_declared_keyword_is_on_every_surface():
     assert missing(NAMES, SETTINGS) == {}
 
 
+def test_the_per_batch_tensors_are_on_every_call():
+    start, end = readme.markers("keywords")
+    section = _readme().split(start)[1].split(end)[0]
+    for fn in (vgs_loss, fused_linear_vgs_loss, VGSLoss.forward):
+        params = inspect.signature(fn).parameters
+        assert all(params[n].kind is inspect.Parameter.KEYWORD_ONLY and params[n].default is None for n in BATCH), fn
+    assert all(f"| `{n}` |" in section for n in BATCH)
+    assert all(f"        {n} (default None)" in vgs_loss.__doc__ for n in BATCH)
+
+
 def test_a_keyword_missing_from_the_surfaces_is_reported():
     # what a new declaration without its surfaces would look like: every surface reports it
     got = missing(NAMES + ("new_keyword",), SETTINGS + ("new_keyword",))
@@ -80,4 +90,4 @@ def test_defaults_agree_across_surfaces():
 def test_readme_keyword_table_is_the_generated_one():
     src = _readme()
     assert readme.replace_section(src, "keywords", keyword_table()) == src, (
-        "README's keyword table is stale: run python -m vgs_train.readme README.md")
+        "README's keyword table is stale: run python -m vgs_train.tools.readme README.md")

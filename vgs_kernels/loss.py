@@ -13,7 +13,7 @@ from . import validation as V
 from .backends import Backend, resolve
 from .chunks import default_chunk_size
 from .driver import DriverResult, reduction_weights, run_vgs
-from .options import VGSKeywords, VGSOptions, takes_loss_keywords
+from .options import CallKeywords, VGSOptions, split_keywords, takes_loss_keywords
 from .reference import reference_vgs
 from .sources import LinearSource, LogitsSource
 
@@ -53,11 +53,8 @@ def vgs_loss(
     teacher_text_logits: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    weights: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
     backend: str | Backend = "auto",
-    **options: Unpack[VGSKeywords],
+    **keywords: Unpack[CallKeywords],
 ) -> VGSOutput:
     """VGS loss on logit rows.
 
@@ -101,7 +98,7 @@ def vgs_loss(
     Only inputs with ``requires_grad`` get a gradient computed (a frozen stream costs no
     gradient buffer).
     """
-    opts = VGSOptions.from_keywords(options, "vgs_loss")
+    (weights, cu_seqlens, gate), opts = split_keywords(keywords, "vgs_loss")
     text = V.check_text_streams(opts.mode, (V.LOGIT_NAMES[1], V.LOGIT_NAMES[3]), student_text_logits, teacher_text_logits)
     if not text:  # standard mode without the text view: the image streams stand in (never differentiated)
         student_text_logits, teacher_text_logits = student_logits, teacher_logits
@@ -147,14 +144,11 @@ def fused_linear_vgs_loss(
     teacher_weight: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    weights: torch.Tensor | None = None,
-    cu_seqlens: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str | Backend = "auto",
-    **options: Unpack[VGSKeywords],
+    **keywords: Unpack[CallKeywords],
 ) -> VGSOutput:
     """VGS loss from hidden states and lm_head weights, never materialising all [B*T, V] logits.
 
@@ -181,7 +175,7 @@ def fused_linear_vgs_loss(
     When a hidden state's dtype differs from its weight's (mixed precision), the GEMMs run in
     the hidden state's dtype; gradients are returned in each input's own dtype.
     """
-    opts = VGSOptions.from_keywords(options, "fused_linear_vgs_loss")
+    (weights, cu_seqlens, gate), opts = split_keywords(keywords, "fused_linear_vgs_loss")
     text = V.check_text_streams(opts.mode, (V.HIDDEN_NAMES[1], V.HIDDEN_NAMES[3]), student_text_hidden, teacher_text_hidden)
     if not text:  # standard mode without the text view: the image streams stand in, computed once
         student_text_hidden, teacher_text_hidden = student_hidden, teacher_hidden

@@ -59,6 +59,25 @@ MODES: dict[str, Mode] = {m.name: m for m in (
 )}
 
 
+# how the README and the docstrings write the terms
+SYMBOLS = {"std": "KL(p‖q)", "vis": "KL(p‖r)", "lang": "KL(p'‖q')"}
+
+
+def summary() -> str:
+    """Every mode's objective in one line of markdown (the ``mode`` keyword's meaning, generated from the table)."""
+    parts = []
+    for m in MODES.values():
+        text = f"`{m.name}`: {SYMBOLS['std']}"
+        if m.steered:
+            text += f" + α·{'w_t·' if m.ramped else ''}{SYMBOLS[m.steered]}"
+        if m.gated:
+            text += f" + β·gate·{SYMBOLS[m.gated]}"
+        parts.append(text)
+    ramp = ("; w_t = clip((VDS − θ_low)/(θ_high − θ_low), 0, 1) with θ_low, θ_high the `adaptive_quantiles`"
+            if any(m.ramped for m in MODES.values()) else "")
+    return ". ".join(parts) + ramp
+
+
 def get(name: str) -> Mode:
     if name not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}, got {name!r}")

@@ -5,7 +5,8 @@
 
 * ``VGSOptions``, the validated frozen record every backend reads (generated from the list, checks below);
 * the keyword-only parameters of ``vgs_loss`` / ``fused_linear_vgs_loss`` (:func:`takes_loss_keywords` puts
-  them into the functions' signatures and docstrings; type checkers read them through ``Unpack``);
+  them, and the per-batch tensors of ``BatchKeywords``, into the functions' signatures and docstrings; type
+  checkers read them through ``Unpack[CallKeywords]``);
 * ``VGSLoss``'s constructor, the training config's ``loss`` section, the TRL config's ``vgs_*`` fields and the
   verl engine's ``override_config.vgs_*`` keys (``SETTINGS``), and the README's keyword table
   (:func:`keyword_table`).
@@ -23,6 +24,8 @@ import re
 from dataclasses import dataclass, make_dataclass
 from dataclasses import field as _field
 from typing import Annotated, Any, TypedDict, get_args, get_origin, get_type_hints
+
+import torch
 
 from . import modes as _modes
 
@@ -51,9 +54,7 @@ class Option:
 class VGSKeywords(TypedDict, total=False):
     """The loss keywords of ``vgs_loss``, ``fused_linear_vgs_loss`` and ``VGSLoss``."""
 
-    mode: Annotated[str, Option(
-        "vgs", "`standard`: KL(p‖q). `vgs`: + α·KL(p‖r) + β·gate·KL(p'‖q'). `adaptive`: + α·w_t·KL(p‖r) + "
-        "β·gate·KL(p'‖q'), w_t = clip((VDS−θ_0.4)/(θ_0.7−θ_0.4), 0, 1). `language`: + α·KL(p'‖q') + β·gate·KL(p‖r)")]
+    mode: Annotated[str, Option("vgs", _modes.summary())]  # the objectives: vgs_kernels.modes
     alpha: Annotated[float, Option(2.0, "weight of the steered term (the visual term in `vgs` mode)")]
     beta: Annotated[float, Option(0.01, "weight of the gated term")]
     gamma: Annotated[float, Option(
@@ -88,9 +89,32 @@ class VGSKeywords(TypedDict, total=False):
         "a float)", setting=False)]
 
 
-_HINTS = get_type_hints(VGSKeywords, include_extras=True)
-OPTIONS: dict[str, Option] = {name: hint.__metadata__[0] for name, hint in _HINTS.items()}
-TYPES: dict[str, Any] = {name: hint.__origin__ for name, hint in _HINTS.items()}
+class BatchKeywords(TypedDict, total=False):
+    """The per-batch tensors both loss functions take besides the loss keywords (no gradient flows into them)."""
+
+    weights: Annotated[torch.Tensor | None, Option(
+        None, "float tensor shaped like the mask: per-token multipliers of the objective before the reduction (no "
+        "gradient into them); without a mask, weight 0 = masked", setting=False)]
+    cu_seqlens: Annotated[torch.Tensor | None, Option(
+        None, "`[S + 1]` int offsets of packed sequences in `[N, V]` / `[N, H]` rows: `sequence` reduction per "
+        "packed sequence, exactly the padded `[B, T]` call's loss and gradients", setting=False)]
+    gate: Annotated[torch.Tensor | None, Option(
+        None, "bool tensor shaped like the mask: the gate of the gated term instead of `VDS > θ` (not with "
+        "`threshold`, not in `adaptive` mode); no collective", setting=False)]
+
+
+class CallKeywords(BatchKeywords, VGSKeywords, total=False):
+    """Every keyword the loss functions take through ``**keywords``: the per-batch tensors and the loss keywords."""
+
+
+def _declared(spec) -> tuple[dict[str, Option], dict[str, Any]]:
+    hints = get_type_hints(spec, include_extras=True)
+    return ({name: hint.__metadata__[0] for name, hint in hints.items()},
+            {name: hint.__origin__ for name, hint in hints.items()})
+
+
+OPTIONS, TYPES = _declared(VGSKeywords)
+BATCH, _BATCH_TYPES = _declared(BatchKeywords)
 NAMES = tuple(OPTIONS)
 # the keywords a trainer's config carries (the others are per-call switches its loop sets itself)
 SETTINGS = tuple(name for name, opt in OPTIONS.items() if opt.setting)
@@ -205,11 +229,7 @@ class _Checks:
     @classmethod
     def from_keywords(cls, keywords: dict[str, Any], caller: str):
         """``VGSOptions(**keywords)``, a misspelt keyword refused as Python refuses one, naming ``caller``."""
-        for name in keywords:
-            if name not in OPTIONS:
-                close = difflib.get_close_matches(name, NAMES, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else f"; the loss keywords are {', '.join(NAMES)}"
-                raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}{hint}")
+        _check_names(keywords, NAMES, caller)
         return cls(**keywords)
 
     def keywords(self) -> dict[str, Any]:
@@ -235,30 +255,55 @@ VGSOptions = make_dataclass(
 )
 
 
+def split_keywords(keywords: dict[str, Any], caller: str):
+    """A loss function's ``**keywords`` -> ((weights, cu_seqlens, gate), VGSOptions); a misspelt keyword is a
+    TypeError naming ``caller``."""
+    _check_names(keywords, tuple(BATCH) + NAMES, caller)
+    batch = tuple(keywords.get(name) for name in BATCH)
+    return batch, VGSOptions(**{k: v for k, v in keywords.items() if k in OPTIONS})
+
+
 def takes_loss_keywords(fn):
-    """Give ``fn``, which takes the loss keywords as ``**options``, their keyword-only parameters in its
-    signature (``help()``, ``inspect.signature``, IDE call tips) and their meanings in its docstring."""
+    """Give ``fn``, which takes the per-batch tensors and the loss keywords as ``**keywords``, their
+    keyword-only parameters in its signature (``help()``, ``inspect.signature``, IDE call tips) and their
+    meanings in its docstring."""
     sig = inspect.signature(fn)
     params = list(sig.parameters.values())
     if not params or params[-1].kind is not inspect.Parameter.VAR_KEYWORD:
-        raise TypeError(f"{fn.__qualname__} must end with **options to take the loss keywords")
-    keywords = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt.default, annotation=TYPES[name])
-                for name, opt in OPTIONS.items()]
+        raise TypeError(f"{fn.__qualname__} must end with **keywords to take the loss keywords")
+    declared = [(BATCH, _BATCH_TYPES), (OPTIONS, TYPES)]
+    keywords = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt.default, annotation=types[name])
+                for options, types in declared for name, opt in options.items()]
     fn.__signature__ = sig.replace(parameters=params[:-1] + keywords)
-    lines = [f"        {name} (default {_default(name)}): {_plain(opt.doc)}" for name, opt in OPTIONS.items()]
-    fn.__doc__ = (fn.__doc__ or "").rstrip() + "\n\n    Loss keywords:\n" + "\n".join(lines) + "\n"
+    doc = [(fn.__doc__ or "").rstrip(), ""]
+    for title, options in (("Per-batch tensors", BATCH), ("Loss keywords", OPTIONS)):
+        doc += [f"    {title}:"] + [f"        {name} (default {_default(opt)}): {_plain(opt.doc)}"
+                                     for name, opt in options.items()]
+    fn.__doc__ = "\n".join(doc) + "\n"
     return fn
 
 
 def keyword_table() -> str:
-    """The README's keyword table (markdown): one row per loss keyword."""
-    rows = ["| keyword | default | meaning |", "|---|---|---|"]
-    rows += [f"| `{name}` | {_default(name, markdown=True)} | {opt.doc} |" for name, opt in OPTIONS.items()]
-    return "\n".join(rows)
+    """The README's keyword tables (markdown): the loss keywords, then the per-batch tensors."""
+    out = []
+    for options in (OPTIONS, BATCH):
+        rows = ["| keyword | default | meaning |", "|---|---|---|"]
+        rows += [f"| `{name}` | {_default(opt, markdown=True)} | {opt.doc} |" for name, opt in options.items()]
+        out.append("\n".join(rows))
+    return ("\n\nBoth functions also take the per-batch tensors (keywords too; `VGSLoss` takes them in its "
+            "forward):\n\n").join(out)
 
 
-def _default(name: str, markdown: bool = False) -> str:
-    value = OPTIONS[name].default
+def _check_names(keywords: dict[str, Any], names: tuple[str, ...], caller: str) -> None:
+    for name in keywords:
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; the keywords are {', '.join(names)}"
+            raise TypeError(f"{caller}() got an unexpected keyword argument {name!r}{hint}")
+
+
+def _default(opt: Option, markdown: bool = False) -> str:
+    value = opt.default
     return f"`{value!r}`".replace("'", '"') if markdown and isinstance(value, str) else repr(value)
 
 

@@ -86,7 +86,7 @@ def train_main(argv=None) -> int:
     if args.print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    from .trainer import Trainer
+    from .loops.trainer import Trainer
 
     try:
         trainer = Trainer(cfg, resume=args.resume)
@@ -134,9 +134,9 @@ def eval_main(argv=None) -> int:
         return report_error("vgs-eval", e)
     import torch
 
-    from .data import load_dataset_rows
-    from .evaluate import evaluate
-    from .modeling import load_model, load_processor
+    from .data.examples import load_dataset_rows
+    from .models.modeling import load_model, load_processor
+    from .pipeline.evaluate import evaluate
 
     try:  # every set is read (and checked) before the model loads
         sets = {}
@@ -173,17 +173,18 @@ def _tool_setup(prog: str, args):
     import torch
 
     from .config import load_config, steering_mode
-    from .data import load_dataset_rows
-    from .gradients import select_params
-    from .pipeline import Pipeline
+    from .data.examples import load_dataset_rows
+    from .loops.embedded import resolve_paths
+    from .pipeline.gradients import select_params
+    from .pipeline.pipe import Pipeline
 
     config, overrides = split_config(args.config, args.overrides)
     # bad values and YAML syntax (ValueError), missing files / model folders (OSError): `prog: error: ...`
     try:
         cfg = load_config(config, overrides, check_paths=True)
         torch.manual_seed(cfg.run.seed)
-        pipe = Pipeline.from_config(cfg, loss_kwargs=cfg.loss_kwargs(mode=steering_mode(cfg.loss_mode), gamma=1.0),
-                                    verbose=not args.quiet)
+        pipe = Pipeline.from_config(cfg, resolve_paths(cfg, verbose=not args.quiet),
+                                    loss_kwargs=cfg.loss_kwargs(mode=steering_mode(cfg.loss_mode), gamma=1.0))
         rows = load_dataset_rows(pipe.paths[args.split] or pipe.paths["train"], cfg.data.image_root)
         params = select_params(pipe.student, args.params or None)
     except USER_ERRORS as e:
@@ -213,8 +214,8 @@ def calibrate_main(argv=None) -> int:
     setup = _tool_setup("vgs-calibrate", args)
     if setup is None:
         return 2
-    from .calibrate import calibrate, write_gamma
     from .config import GAMMA_PRESETS
+    from .loops.calibrate import calibrate, write_gamma
 
     config, cfg, pipe, rows, params = setup
     mode, alpha = pipe.loss_kwargs["mode"], cfg.loss.alpha
@@ -267,8 +268,8 @@ def analyze_main(argv=None) -> int:
     p.add_argument("--readme", metavar="PATH", help="write the angle table into this README (between "
                    "<!-- analyze:start --> and <!-- analyze:end -->)")
     args = p.parse_args(argv)
-    from .analyze import PAIRS, analyze, format_table, plot, readme_section, trend, write_csv
-    from .readme import write_section
+    from .tools.analyze import PAIRS, analyze, format_table, plot, readme_section, trend, write_csv
+    from .tools.readme import write_section
 
     if args.report:
         with open(args.report) as f:

@@ -24,7 +24,7 @@ import yaml
 
 from vgs_kernels.options import SETTINGS, setting_fields
 
-from .rewards import get_reward_fn
+from .data.rewards import get_reward_fn
 
 # loss.method -> the mode of the VGS loss it distils with (docs/math.md, "Objectives")
 METHODS = {"opd": "standard", "vgs": "vgs", "vgs-adaptive": "adaptive", "language-steering": "language"}
@@ -32,7 +32,7 @@ METHODS = {"opd": "standard", "vgs": "vgs", "vgs-adaptive": "adaptive", "languag
 GRPO_METHODS = {"grpo": None, "grpo+opd": "standard", "grpo+vgs": "vgs"}
 ALL_METHODS = {**METHODS, **GRPO_METHODS}
 TRAIN_REDUCTIONS = ("sequence", "token")  # "sum" / "none" are for callers that normalise themselves
-ROLLOUT_ENGINES = ("hf",)  # rollout.engine names; vgs_train.rollout.ENGINES maps each to its class
+ROLLOUT_ENGINES = ("hf",)  # rollout.engine names; vgs_train.pipeline.rollout.ENGINES maps each to its class
 # gamma at alpha = 2 from App. A of the paper (the model's name, case-insensitive, as in the config)
 GAMMA_PRESETS = {"qwen3-vl-2b": 0.41, "qwen3-vl-4b": 0.36}
 PRESET_ALPHA = 2.0
@@ -59,7 +59,7 @@ def steering_mode(mode: str | None) -> str:
 
 @dataclass
 class TinyModelConfig:
-    """Sizes of a tiny Qwen3-VL (``vgs_train.tiny`` builds it; the real models' sizes are in the same fields)."""
+    """Sizes of a tiny Qwen3-VL (``vgs_train.models.tiny`` builds it; the real models' sizes are in the same fields)."""
 
     hidden_size: int = 64
     num_hidden_layers: int = 2
@@ -112,7 +112,7 @@ class DataConfig:
 
 @dataclass
 class RolloutConfig:
-    engine: str = "hf"  # swappable generation backend (vgs_train.rollout.ENGINES)
+    engine: str = "hf"  # swappable generation backend (vgs_train.pipeline.rollout.ENGINES)
     max_new_tokens: int = 48
     temperature: float = 1.0
     top_p: float = 1.0
@@ -172,7 +172,7 @@ class EvalConfig:
 
 @dataclass
 class HealthConfig:
-    """Thresholds of the training-health signals (``vgs_train.health``): warnings, never a stop. "Best" is the
+    """Thresholds of the training-health signals (``vgs_train.pipeline.health``): warnings, never a stop. "Best" is the
     best window of the run so far among those wholly after ``optim.warmup_steps``."""
 
     window: int = 10  # steps in the moving window the signals are computed on

@@ -9,9 +9,9 @@ import os
 import torch
 from train_helpers import direct_terms, pipeline, sample, tiny_overrides
 
-from vgs_train.analyze import analyze_views, equal_frequency_bins, trend
 from vgs_train.cli import analyze_main as main
-from vgs_train.gradients import select_params
+from vgs_train.pipeline.gradients import select_params
+from vgs_train.tools.analyze import analyze_views, equal_frequency_bins, trend
 
 # the last decoder layer and the final norm: a short backward keeps the test fast (the subset path)
 SUBSET = r"language_model\.(layers\.1\.mlp|norm)"

@@ -9,7 +9,8 @@ import pytest
 import yaml
 from train_helpers import direct_terms, flat_grad, pipeline, sample, sequence_mean, tiny_overrides
 
-from vgs_train.calibrate import (
+from vgs_train.cli import calibrate_main as main
+from vgs_train.loops.calibrate import (
     AutoGamma,
     gamma_preset,
     measure_gamma,
@@ -17,7 +18,6 @@ from vgs_train.calibrate import (
     term_gradients,
     write_gamma,
 )
-from vgs_train.cli import calibrate_main as main
 
 
 def test_gamma_equals_direct_two_pass(world, alpha=2.0):

@@ -170,6 +170,6 @@ def test_cli_user_errors_exit_2_without_traceback(prog, tmp_path, capsys):
 
 def test_rollout_engine_names_are_the_registry():
     from vgs_train.config import ROLLOUT_ENGINES
-    from vgs_train.rollout import ENGINES
+    from vgs_train.pipeline.rollout import ENGINES
 
     assert set(ROLLOUT_ENGINES) == set(ENGINES)

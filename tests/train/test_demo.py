@@ -1,4 +1,4 @@
-"""``make demo`` (``vgs_train.demo``) on tiny settings: results.json, the table, the README section, and the
+"""``make demo`` (``vgs_train.tools.demo``) on tiny settings: results.json, the table, the README section, and the
 same numbers whether a run trains in a worker process or inline."""
 
 import json
@@ -6,7 +6,7 @@ import os
 
 from train_helpers import TINY
 
-from vgs_train import demo, jobs, study
+from vgs_train.tools import demo, demo_report, jobs, study
 
 
 def test_demo_writes_results_and_runs_are_reproducible_across_workers(tmp_path, embedded_cache):
@@ -51,6 +51,6 @@ def test_demo_runs_are_checked_against_the_study():
                     "acc_pred95": [0.65, 0.85], "n_seeds": 8},
                    {"arm": "opd", "setting": "avx2", "acc_mean": 0.2, "acc_ci95": [0.1, 0.3],
                     "acc_pred95": [0.0, 0.4], "n_seeds": 8}]}
-    (c,) = demo.against_study(res, st)
+    (c,) = demo_report.against_study(res, st)
     assert c["inside"] == [True, False] and c["study_acc_pred95"] == [0.65, 0.85]
-    assert demo.against_study(res, None) == []
+    assert demo_report.against_study(res, None) == []

@@ -15,7 +15,7 @@ import yaml
 from torch import nn
 
 from vgs_kernels import fused_linear_vgs_loss
-from vgs_train.distributed import (
+from vgs_train.pipeline.distributed import (
     GlobalCounts,
     all_reduce_sum,
     gathered_weight,
@@ -136,7 +136,7 @@ def _check(r, world, engine, reduction):
     elif engine == "zero3":
         import deepspeed
 
-        from vgs_train.distributed import prepare_sharded_lm_head
+        from vgs_train.pipeline.distributed import prepare_sharded_lm_head
 
         cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
                "zero_allow_untested_optimizer": True,

@@ -8,7 +8,8 @@ import pytest
 import torch
 from train_helpers import flat_grad, pipeline, sample, tiny_overrides
 
-from vgs_train.grpo import (
+from vgs_train.data.rewards import exact_match, format_exact_match, get_reward_fn
+from vgs_train.loops.grpo import (
     GRPOBatch,
     clipped_surrogate,
     combine,
@@ -17,7 +18,6 @@ from vgs_train.grpo import (
     rollout_groups,
     token_logprobs,
 )
-from vgs_train.rewards import exact_match, format_exact_match, get_reward_fn
 
 
 def test_group_advantages_by_hand():
@@ -91,7 +91,7 @@ def test_lambda_endpoints(world):
     """lambda=0: the gradient of -J_GRPO alone; lambda=1: the distillation loss alone; in between the
     convex combination of the two."""
     from vgs_kernels import fused_linear_vgs_loss
-    from vgs_train.views import four_view_hidden, response_hidden
+    from vgs_train.pipeline.views import four_view_hidden, response_hidden
 
     s, t, V = world["student"], world["teacher"], world["vocab"]
     params = [p for p in s.parameters() if p.requires_grad]
@@ -146,7 +146,7 @@ def test_rollout_groups_and_rewards(world):
     assert exact_match("<reason>I see a red circle.</reason> Red.", "red") == 1.0
     assert exact_match("<reason>x</reason>blue", "red") == 0.0
     assert abs(format_exact_match("<reason>x</reason>blue", "red") - 0.1) < 1e-9
-    assert get_reward_fn("vgs_train.rewards:exact_match") is exact_match
+    assert get_reward_fn("vgs_train.data.rewards:exact_match") is exact_match
     with pytest.raises(ValueError, match="grpo.reward"):
         get_reward_fn("nope")
 

@@ -7,7 +7,7 @@ import torch
 
 from vgs_kernels import vgs_loss
 from vgs_train.config import HealthConfig
-from vgs_train.health import HealthMonitor, prior_gap, truncated_fraction
+from vgs_train.pipeline.health import HealthMonitor, prior_gap, truncated_fraction
 
 
 def _batch(degenerate_prior: bool, seed: int = 0):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vgs_train.cli import eval_main, parse_train_args, train_main
-from vgs_train.data import load_dataset_rows, load_jsonl
+from vgs_train.data.examples import load_dataset_rows, load_jsonl
 
 
 # ---------------------------------------------------------------------------------------------- JSONL rows
@@ -112,7 +112,7 @@ def test_resume_does_not_swallow_the_config_or_an_override(tmp_path):
 
 
 def test_train_main_passes_resume_and_overrides(tmp_path, monkeypatch):
-    import vgs_train.trainer
+    import vgs_train.loops.trainer
 
     seen = {}
 
@@ -121,7 +121,7 @@ def test_train_main_passes_resume_and_overrides(tmp_path, monkeypatch):
             seen.update(cfg=cfg, resume=resume)
             raise ValueError("stop here")
 
-    monkeypatch.setattr(vgs_train.trainer, "Trainer", FakeTrainer)
+    monkeypatch.setattr(vgs_train.loops.trainer, "Trainer", FakeTrainer)
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("loss:\n  method: opd\n")
     assert train_main(["--resume", str(cfg_path), "run.out_dir=x"]) == 2
@@ -150,8 +150,8 @@ def test_train_main_model_load_errors_are_user_errors(tmp_path, capsys, model, m
 @pytest.fixture
 def fake_model(monkeypatch):
     """vgs-eval with the model loaders and evaluate() replaced: records evaluate's rows and keywords."""
-    import vgs_train.evaluate
-    import vgs_train.modeling
+    import vgs_train.models.modeling
+    import vgs_train.pipeline.evaluate
 
     calls = []
 
@@ -166,9 +166,9 @@ def fake_model(monkeypatch):
         calls.append({"rows": rows, **kw})
         return {"n": len(rows), "acc@1": 0.5, **({f"acc@{kw['k']}": 1.0} if kw["k"] else {})}
 
-    monkeypatch.setattr(vgs_train.modeling, "load_processor", lambda path: object())
-    monkeypatch.setattr(vgs_train.modeling, "load_model", lambda path: M())
-    monkeypatch.setattr(vgs_train.evaluate, "evaluate", fake_evaluate)
+    monkeypatch.setattr(vgs_train.models.modeling, "load_processor", lambda path: object())
+    monkeypatch.setattr(vgs_train.models.modeling, "load_model", lambda path: M())
+    monkeypatch.setattr(vgs_train.pipeline.evaluate, "evaluate", fake_evaluate)
     return calls
 
 
@@ -216,7 +216,7 @@ def test_eval_missing_model_and_data(tmp_path, capsys):
 
 
 def test_evaluate_rejects_k_1_and_negative():
-    from vgs_train.evaluate import evaluate
+    from vgs_train.pipeline.evaluate import evaluate
 
     for k in (1, -1, -4):
         with pytest.raises(ValueError, match="k must be 0"):
@@ -250,11 +250,11 @@ class _Forked(Exception):
 def test_evaluation_and_calibration_fork_the_cuda_generators_too(monkeypatch):
     """torch.manual_seed inside the fork reseeds every CUDA generator: they must be forked (restored) too,
     or evaluating during training resets the run's CUDA RNG stream."""
-    from vgs_train.calibrate import calibrate
-    from vgs_train.data import Example
-    from vgs_train.evaluate import evaluate
-    from vgs_train.pipeline import Pipeline
-    from vgs_train.rng import fork_rng
+    from vgs_train.data.examples import Example
+    from vgs_train.data.rng import fork_rng
+    from vgs_train.loops.calibrate import calibrate
+    from vgs_train.pipeline.evaluate import evaluate
+    from vgs_train.pipeline.pipe import Pipeline
 
     forked = []
 
@@ -282,7 +282,7 @@ def test_evaluation_and_calibration_fork_the_cuda_generators_too(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fork_rng_restores_the_cuda_generator():
-    from vgs_train.rng import fork_rng
+    from vgs_train.data.rng import fork_rng
 
     torch.manual_seed(123)
     cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state()

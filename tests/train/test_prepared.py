@@ -11,8 +11,8 @@ import sys
 import pytest
 from train_helpers import TINY
 
-from vgs_train import embedded
 from vgs_train.config import load_config
+from vgs_train.loops import embedded
 from vgs_train.machine import isa_environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,9 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FINGERPRINT = r"""
 import hashlib, json, sys
 from vgs_train.config import load_config
-from vgs_train.embedded import pixels_sha256, prepare_embedded
+from vgs_train.loops.embedded import pixels_sha256, prepare_embedded
 from vgs_train.machine import describe
-from vgs_train.modeling import load_model
+from vgs_train.models.modeling import load_model
 import os
 paths = prepare_embedded(load_config(None, ["embedded.cache_dir=" + sys.argv[1]]), verbose=False)
 out = {"cpu_capability": describe()["cpu_capability"], "paths": paths,
@@ -42,7 +42,7 @@ def test_shipped_files_match_their_manifest_and_the_default_settings():
                                       "student/tokenizer.json", "teacher/config.json"}
     cfg = load_config(None, [])
     assert manifest["recipe"] == embedded.stage_keys(cfg, with_versions=False), (
-        "the embedded defaults changed: rebuild the shipped models (python -m vgs_train.embedded --write-shipped "
+        "the embedded defaults changed: rebuild the shipped models (python -m vgs_train.loops.embedded --write-shipped "
         "vgs_train/prepared)")
     assert set(embedded.shipped_paths(cfg)) == {"teacher", "student"}
     assert embedded.shipped_paths(load_config(None, ["embedded.shipped=false"])) == {}

@@ -1,4 +1,4 @@
-"""The study (``vgs_train.study``): its statistics, the conclusions it lets the README state, and a tiny run on
+"""The study (``vgs_train.tools.study``): its statistics, the conclusions it lets the README state, and a tiny run on
 both instruction-set settings whose results are cached."""
 
 import json
@@ -7,8 +7,8 @@ import math
 import pytest
 from train_helpers import TINY
 
-from vgs_train import study
-from vgs_train.stats import accuracy_se, covers_zero, mean_ci, paired_diff, prediction_interval, t975
+from vgs_train.tools import study
+from vgs_train.tools.stats import accuracy_se, covers_zero, mean_ci, paired_diff, prediction_interval, t975
 
 
 def test_t_quantiles_and_intervals():

@@ -3,10 +3,10 @@ task-restricted one, Qwen3-VL special tokens and chat template."""
 
 import pytest
 
-from vgs_train import synthetic
-from vgs_train.embedded import build_tokenizer
-from vgs_train.tokenizer import build_qwen_tokenizer, qwen_bpe_ranks
-from vgs_train.views import REASONING_SYSTEM_PROMPT
+from vgs_train.data import synthetic
+from vgs_train.data.tokenizer import build_qwen_tokenizer, qwen_bpe_ranks
+from vgs_train.loops.embedded import build_tokenizer
+from vgs_train.pipeline.views import REASONING_SYSTEM_PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,8 @@ def test_task_vocab_segments_like_qwen(full):
 
 
 def test_chat_template_two_views():
-    from vgs_train.tiny import build_processor
-    from vgs_train.views import PromptBuilder
+    from vgs_train.models.tiny import build_processor
+    from vgs_train.pipeline.views import PromptBuilder
 
     tok = build_tokenizer("task")
     b = PromptBuilder(build_processor(tok))

@@ -10,8 +10,8 @@ from train_helpers import tiny_overrides
 
 from vgs_train.cli import eval_main, train_main
 from vgs_train.config import load_config
-from vgs_train.modeling import load_model, load_processor
-from vgs_train.trainer import Trainer
+from vgs_train.loops.trainer import Trainer
+from vgs_train.models.modeling import load_model, load_processor
 
 
 @pytest.fixture
@@ -26,21 +26,21 @@ def _trainer(cache, out, *extra, resume=False):
 
 def test_step_on_fixed_batch_lowers_loss(cache, tmp_path):
     from vgs_kernels import fused_linear_vgs_loss
-    from vgs_train.views import build_views, four_view_hidden
+    from vgs_train.pipeline.views import build_views, four_view_hidden
 
     tr = _trainer(cache, str(tmp_path / "run"), "optim.lr=3e-3")
     rows = tr.rows[:4]
-    b = tr.builder
+    b = tr.pipe.builder
     img, txt = b.encode(rows, True), b.encode(rows, False)
     torch.manual_seed(0)
-    comp, mask = tr.engine.generate(tr.student, img, do_sample=True)
+    comp, mask = tr.pipe.engine.generate(tr.student, img, do_sample=True)
     views = build_views(img, txt, comp, mask)
 
     def loss():
         hs, hsp, ht, htp = four_view_hidden(tr.student, tr.teacher, views)
         return fused_linear_vgs_loss(hs, hsp, tr.unwrapped.get_output_embeddings().weight, ht, htp,
                                      tr.teacher.get_output_embeddings().weight, views.mask,
-                                     vocab_size=tr.vocab_size, **tr.loss_kwargs).loss
+                                     vocab_size=tr.vocab_size, **tr.pipe.loss_kwargs).loss
 
     first = loss()
     for _ in range(3):
@@ -187,11 +187,11 @@ def test_grpo_resume_mid_iterations_reuses_the_stored_rollouts(cache, tmp_path):
 
 def test_max_prompt_length_drops_longer_training_rows(cache, tmp_path):
     tr = _trainer(cache, str(tmp_path / "all"))
-    lengths = tr.builder.prompt_lengths(tr.rows)
+    lengths = tr.pipe.builder.prompt_lengths(tr.rows)
     limit = sorted(lengths)[len(lengths) // 2]
     kept = _trainer(cache, str(tmp_path / "some"), f"data.max_prompt_length={limit}")
     assert len(kept.rows) == sum(n <= limit for n in lengths) < len(tr.rows)
-    assert max(kept.builder.prompt_lengths(kept.rows)) <= limit
+    assert max(kept.pipe.builder.prompt_lengths(kept.rows)) <= limit
     with pytest.raises(ValueError, match="data.max_prompt_length=1: every training prompt is longer"):
         _trainer(cache, str(tmp_path / "none"), "data.max_prompt_length=1")
     with pytest.raises(ValueError, match="data.max_prompt_length"):

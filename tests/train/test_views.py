@@ -6,13 +6,19 @@ import os
 import pytest
 import torch
 
-from vgs_train import synthetic
-from vgs_train.data import load_jsonl
-from vgs_train.embedded import build_tokenizer
-from vgs_train.modeling import check_same_tokenizer
-from vgs_train.rollout import HFRolloutEngine
-from vgs_train.tiny import TinyModelConfig, build_processor, build_tiny_model
-from vgs_train.views import PromptBuilder, build_views, decoder_hidden, four_view_hidden, position_ids_for
+from vgs_train.data import synthetic
+from vgs_train.data.examples import load_jsonl
+from vgs_train.loops.embedded import build_tokenizer
+from vgs_train.models.modeling import check_same_tokenizer
+from vgs_train.models.tiny import TinyModelConfig, build_processor, build_tiny_model
+from vgs_train.pipeline.rollout import HFRolloutEngine
+from vgs_train.pipeline.views import (
+    PromptBuilder,
+    build_views,
+    decoder_hidden,
+    four_view_hidden,
+    position_ids_for,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -24,10 +24,10 @@ def tiny_overrides(cache_dir, out_dir=None, *extra):
 
 
 def build_world(tmp_dir, n_rows=8):
-    from vgs_train import synthetic
-    from vgs_train.data import load_jsonl
-    from vgs_train.embedded import build_tokenizer
-    from vgs_train.tiny import TinyModelConfig, build_processor, build_tiny_model
+    from vgs_train.data import synthetic
+    from vgs_train.data.examples import load_jsonl
+    from vgs_train.loops.embedded import build_tokenizer
+    from vgs_train.models.tiny import TinyModelConfig, build_processor, build_tiny_model
 
     synthetic.write_task(str(tmp_dir), n_rows, seed=5, size=32)
     tok = build_tokenizer("task")
@@ -41,9 +41,9 @@ def build_world(tmp_dir, n_rows=8):
 
 def pipeline(world, max_new_tokens=8, **loss_kwargs):
     """A Pipeline over the world's models (the engine samples at most ``max_new_tokens``)."""
-    from vgs_train.pipeline import Pipeline
-    from vgs_train.rollout import HFRolloutEngine
-    from vgs_train.views import PromptBuilder
+    from vgs_train.pipeline.pipe import Pipeline
+    from vgs_train.pipeline.rollout import HFRolloutEngine
+    from vgs_train.pipeline.views import PromptBuilder
 
     eng = HFRolloutEngine(world["tok"], max_new_tokens=max_new_tokens,
                           vocab_rows=world["student"].get_output_embeddings().weight.shape[0])
@@ -62,7 +62,7 @@ def kl(log_a, log_b):
 
 def direct_terms(world, views, temperature=1.0):
     """Per-token std, vis, lang, vds [B, T] by hand from materialised logits (autograd graph kept)."""
-    from vgs_train.views import four_view_hidden
+    from vgs_train.pipeline.views import four_view_hidden
 
     s, t, V = world["student"], world["teacher"], world["vocab"]
     hs, hsp, ht, htp = four_view_hidden(s, t, views)

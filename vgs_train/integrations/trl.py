@@ -12,12 +12,12 @@ loss with VGS:
    without the image (with grad), teacher with / without the image (no grad). The completion ids are
    appended *unchanged* to both prompt views; position ids are computed per view (3-D M-RoPE for the
    image view);
-3. the loss is ``vgs_train.pipeline.head_loss`` -- the same call the trainer's pipeline makes: both
+3. the loss is ``vgs_train.pipeline.pipe.head_loss`` -- the same call the trainer's pipeline makes: both
    lm_heads into ``fused_linear_vgs_loss`` (``vocab_size`` = the tokenizer's size: the lm_head's padding
    rows are excluded from the distributions, and generation never samples them, on transformers' and on
    vLLM's path alike: :func:`suppress_lm_head_padding`).
 
-Where it differs from ``vgs_train.pipeline.Pipeline`` TRL's batch format forces it: TRL has tokenised the
+Where it differs from ``vgs_train.pipeline.pipe.Pipeline`` TRL's batch format forces it: TRL has tokenised the
 prompts and generated the completions already (its ``prompt_ids`` / ``completion_ids``, and the image inputs
 of its processor call), so steps 1-2 read those tensors instead of sampling; and the backbone passes call
 the decoder backbone inside TRL's forward redirection instead of the root model (``Pipeline.hidden``
@@ -32,8 +32,8 @@ computes in fp32. Models whose logits are scaled or softcapped (``logit_scale``,
 ``final_logit_softcapping``, ...) are refused: the kernels take plain ``hidden @ weight.T`` logits.
 
 Multi-process: the loss runs inside the wrapped student's forward (TRL's forward redirection, see
-``vgs_train.distributed``), the VDS threshold is global (``vds_scope="global"``), and each rank's loss is
-scaled by ``global_counts(mask).scale(reduction)`` (``vgs_train.distributed``) so that DDP/FSDP gradient
+``vgs_train.pipeline.distributed``), the VDS threshold is global (``vds_scope="global"``), and each rank's loss is
+scaled by ``global_counts(mask).scale(reduction)`` (``vgs_train.pipeline.distributed``) so that DDP/FSDP gradient
 averaging gives the global-batch loss. TRL's ``beta`` (JSD interpolation) is unused.
 
 Example: ``examples/trl_vgs.py``.
@@ -58,9 +58,9 @@ except ImportError as exc:  # pragma: no cover - depends on the optional extra
         "vgs_train.integrations.trl needs TRL 1.16.x (DistillationTrainer): pip install 'vgs-kernels[trl]'"
     ) from exc
 
-from ..distributed import global_counts, prepare_sharded_lm_head, reduce_metrics, run_in_forward
-from ..pipeline import Hidden, head_loss
-from ..views import MULTIMODAL_KEYS, backbone_response_hidden
+from ..pipeline.distributed import global_counts, prepare_sharded_lm_head, reduce_metrics, run_in_forward
+from ..pipeline.pipe import Hidden, head_loss
+from ..pipeline.views import MULTIMODAL_KEYS, backbone_response_hidden
 
 # the vgs_* fields: the loss keywords' training settings, from their one declaration
 # (vgs_kernels.options.VGSKeywords); a fixed threshold only (argparse takes one type per flag)

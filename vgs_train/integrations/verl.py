@@ -14,7 +14,7 @@ points (``examples/verl/`` holds the YAML and the launch script; docs/training.m
   position ids computed per view), runs the student's decoder backbone on both views and a colocated,
   frozen teacher (no optimizer state) on both, and calls verl's loss function with the hidden states and
   both lm_heads, all inside the student's root forward and its lm_head's forward
-  (``vgs_train.distributed.run_with_lm_head``: under FSDP2 the whole lm_head weight is there);
+  (``vgs_train.pipeline.distributed.run_with_lm_head``: under FSDP2 the whole lm_head weight is there);
 * **the settings**: ``actor_rollout_ref.model.override_config.vgs_*`` keys (verl copies them onto the
   student's HF config, where the engine reads them): ``vgs_teacher_path`` (a local folder), and the loss
   keywords' training settings ``vgs_mode``, ``vgs_alpha``, ``vgs_beta``, ``vgs_gamma``, ``vgs_quantile``, ... (every
@@ -40,8 +40,8 @@ import torch
 from vgs_kernels.integrations import verl as vgs_verl
 from vgs_kernels.options import SETTINGS
 
-from ..distributed import run_with_lm_head, unwrap
-from ..views import backbone_response_hidden, build_views
+from ..pipeline.distributed import run_with_lm_head, unwrap
+from ..pipeline.views import backbone_response_hidden, build_views
 
 # the vgs_* override keys: the loss keywords' training settings (vgs_kernels.options.VGSKeywords) but the
 # reduction, which is verl's loss_agg_mode, and the kernels' switches
@@ -166,7 +166,7 @@ def vgs_step(student, teacher, data, loss_function, *, pad_id: int, vocab_size: 
 
 def load_teacher(path: str, device, dtype=torch.bfloat16):
     """The frozen teacher (inference only, replicated on every rank, no optimizer state)."""
-    from ..modeling import load_model
+    from ..models.modeling import load_model
 
     teacher = load_model(path, dtype=dtype).to(device).eval()
     return teacher.requires_grad_(False)

@@ -150,7 +150,7 @@ def test_the_engine_step_on_a_verl_micro_batch_equals_the_pipeline(world):
     torch.testing.assert_close(got.image["pixel_values"], views.image["pixel_values"])
     # hidden states of the four views equal the pipeline's
     want = pipe.hidden(views)
-    from vgs_train.views import backbone_response_hidden
+    from vgs_train.pipeline.views import backbone_response_hidden
 
     T = views.completion_ids.shape[1]
     for view, model, ref in ((got.image, student, want.student), (got.text, student, want.student_text),

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .data import Example, image_size, load_image
+from ..data.examples import Example, image_size, load_image
 
 # App. B.4 of the paper (its exact wording was lost in the text extraction; this restates it): reasoning
 # inside <reason>...</reason>, then the final answer.

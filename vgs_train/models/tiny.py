@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import TinyModelConfig
-from .rng import fork_rng
+from ..config import TinyModelConfig
+from ..data.rng import fork_rng
 
 __all__ = ["TinyModelConfig", "build_processor", "build_tiny_model", "image_only_processor", "qwen3vl_config"]
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .answers import is_correct
-from .config import check_eval_k
-from .data import Example
+from ..config import check_eval_k
+from ..data.answers import is_correct
+from ..data.examples import Example
+from ..data.rng import fork_rng
 from .health import truncated_rows
-from .rng import fork_rng
 from .rollout import HFRolloutEngine
 from .views import PromptBuilder
 

@@ -8,8 +8,8 @@ import re
 
 import torch
 
-from . import synthetic
-from .rng import fork_rng
+from ..data import synthetic
+from ..data.rng import fork_rng
 from .stats import accuracy_se
 
 SAMPLES = 4  # sampled accuracy: the mean over this many samples per question at T = 1
@@ -25,12 +25,12 @@ def looping(text: str) -> bool:
 def distill_gap(student, teacher, processor, rows, loss_kwargs: dict, *, batch_size: int = 50,
                 max_new_tokens: int = 40, seed: int = 0) -> dict:
     """Mean std / vis / lang KL and the teacher's VDS of ``student`` against ``teacher`` per response token
-    of the student's own samples (T = 1) to ``rows``, and the prior gap (``vgs_train.health.prior_gap``)."""
-    from .health import prior_gap_terms
-    from .modeling import lm_head_rows
-    from .pipeline import Pipeline
-    from .rollout import HFRolloutEngine
-    from .views import PromptBuilder
+    of the student's own samples (T = 1) to ``rows``, and the prior gap (``vgs_train.pipeline.health.prior_gap``)."""
+    from ..models.modeling import lm_head_rows
+    from ..pipeline.health import prior_gap_terms
+    from ..pipeline.pipe import Pipeline
+    from ..pipeline.rollout import HFRolloutEngine
+    from ..pipeline.views import PromptBuilder
 
     builder = PromptBuilder(processor)
     tok = builder.tokenizer
@@ -62,8 +62,8 @@ def own_phrasing_preference(model, processor, rows, *, batch_size: int = 50) -> 
     phrasing's opening ("<reason>I see a" against "<reason>The picture shows a"). Not a share of answers
     (``assess``'s ``own_phrasing_share`` is): a preference of 0.6 can mean every greedy answer in the
     student's words."""
-    from .embedded import encode_targets
-    from .views import PromptBuilder, append_completion, response_hidden
+    from ..loops.embedded import encode_targets
+    from ..pipeline.views import PromptBuilder, append_completion, response_hidden
 
     builder = PromptBuilder(processor)
     tok = builder.tokenizer
@@ -101,7 +101,7 @@ def assess(model, teacher, processor, rows, loss_kwargs: dict, max_new_tokens: i
     * ``truncated`` the share of greedy answers that never end; ``degenerate`` the share that never end or
       repeat a word three times in a row;
     * with ``gap``: the divergences to ``teacher`` on the student's own samples (:func:`distill_gap`)."""
-    from .evaluate import evaluate
+    from ..pipeline.evaluate import evaluate
 
     k = SAMPLES if sampled else 0
     r = evaluate(model, processor, rows, k=k, max_new_tokens=max_new_tokens, with_image=with_image,

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import GRPO_METHODS, TrainConfig
-from .pipeline import Pipeline
-from .rewards import get_reward_fn, score
-from .views import ViewBatch
+from ..config import GRPO_METHODS, TrainConfig
+from ..data.rewards import get_reward_fn, score
+from ..pipeline.pipe import Pipeline
+from ..pipeline.views import ViewBatch
 
 
 # ---------------------------------------------------------------------------------------------- math
@@ -208,19 +208,26 @@ def grpo_loss(pipe: Pipeline, batch: GRPOBatch, *, lam: float = 0.3, distill_mod
 
 
 # ---------------------------------------------------------------------------------------------- the step
+GRPO_BUFFER = "grpo_buffer"  # the rank file of GRPO's stored rollouts (grpo_buffer_rank<r>.pt)
+
+
 class GRPOStep:
     """The trainer's micro-step for the GRPO methods (``grpo``, ``grpo+opd``, ``grpo+vgs``).
 
     A rollout batch (B prompts x G rollouts) serves ``grpo.iterations`` optimizer steps: the first samples
     and stores one batch per micro-batch, the following ones reuse them (the clip is active from the second
     on). The shared position (``uses``) is saved with the trainer's state; each rank's stored batches go to
-    its own file (:meth:`rank_state`), as every rank sampled its own rollouts.
+    its own file (:meth:`rank_files`), as every rank sampled its own rollouts. The micro-step interface:
+    :mod:`vgs_train.loops.distill`.
 
     ``scale(mask) -> float`` multiplies the loss (the trainer's global-normaliser scale over ranks);
     ``gamma_fn``: as in :func:`grpo_loss`."""
 
+    shardable = False  # the log-probabilities read the lm_head outside the model's forward
+
     def __init__(self, pipe: Pipeline, cfg: TrainConfig, *, scale: Callable[[torch.Tensor], float],
-                 gamma_fn=None):
+                 in_forward=None, gamma_fn=None):
+        # in_forward: unused (GRPO runs with DDP or one process: the lm_head is whole outside the forward)
         self.pipe, self.cfg, self.scale, self.gamma_fn = pipe, cfg, scale, gamma_fn
         self.reward_fn = get_reward_fn(cfg.grpo.reward)
         self.buffer: list[GRPOBatch] = []  # this rank's rollout batches of the current iteration cycle
@@ -264,13 +271,17 @@ class GRPOStep:
     def load_state_dict(self, state: dict) -> None:
         self.uses = int(state["uses"])
 
-    def rank_state(self) -> list[dict] | None:
+    def checkpoint_state(self) -> list:
+        return [self]  # the shared position (uses)
+
+    def rank_files(self) -> dict:
         """This rank's stored batches as plain dicts (loadable with ``weights_only=True``), None when the
         next step samples anew."""
-        return [_to_plain(b) for b in self.buffer] if self.uses > 0 else None
+        return {GRPO_BUFFER: [_to_plain(b) for b in self.buffer] if self.uses > 0 else None}
 
-    def load_rank_state(self, state: list[dict], device) -> None:
-        self.buffer = [_from_plain(b, device) for b in state]
+    def restore_rank_files(self, checkpoints, path: str, device) -> None:
+        if self.uses > 0:  # mid-way through grpo.iterations
+            self.buffer = [_from_plain(b, device) for b in checkpoints.load_rank_state(path, GRPO_BUFFER)]
 
 
 def _to_plain(batch: GRPOBatch) -> dict:

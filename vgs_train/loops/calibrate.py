@@ -23,11 +23,11 @@ from collections.abc import Callable
 
 import torch
 
-from .config import GAMMA_PRESETS, gamma_preset, steering_mode
-from .data import Sampler
-from .gradients import angle_deg, cosine, mean_over_ranks, norm, param_grads, select_params
-from .pipeline import Hidden, Pipeline
-from .rng import fork_rng
+from ..config import GAMMA_PRESETS, gamma_preset, steering_mode
+from ..data.examples import Sampler
+from ..data.rng import fork_rng
+from ..pipeline.gradients import angle_deg, cosine, mean_over_ranks, norm, param_grads, select_params
+from ..pipeline.pipe import Hidden, Pipeline
 
 __all__ = ["GAMMA_PRESETS", "AutoGamma", "calibrate", "gamma_preset", "gamma_stats", "measure_gamma",
            "select_params", "steering_mode", "summarise", "term_gradients", "write_gamma"]

@@ -22,10 +22,10 @@ import torch
 
 from vgs_kernels import VGSOutput, fused_linear_vgs_loss
 
-from .answers import is_correct
+from ..data.answers import is_correct
+from ..models.modeling import check_same_tokenizer, lm_head_rows, load_model, load_processor
 from .distributed import gathered_weight, unwrap, whole_init
 from .health import truncated_fraction
-from .modeling import check_same_tokenizer, lm_head_rows, load_model, load_processor
 from .rollout import build_engine
 from .views import PromptBuilder, ViewBatch, build_views, four_view_hidden, repeat_prompt, response_hidden
 
@@ -101,7 +101,7 @@ class Pipeline:
     student: torch.nn.Module
     teacher: torch.nn.Module | None
     builder: PromptBuilder
-    engine: object  # a rollout engine (vgs_train.rollout)
+    engine: object  # a rollout engine (vgs_train.pipeline.rollout)
     vocab_size: int
     loss_kwargs: dict = field(default_factory=dict)
     device: torch.device | str | None = None
@@ -109,13 +109,11 @@ class Pipeline:
     paths: dict = field(default_factory=dict)  # where the models and data came from (from_config)
 
     @classmethod
-    def from_config(cls, cfg, *, loss_kwargs: dict | None = None, device=None, verbose: bool = True) -> Pipeline:
-        """The tools' pipeline (vgs-calibrate, vgs-analyze): both models in fp32 and eval mode (dropout off:
-        gradients are measured, not trained on) on ``device`` (default: CUDA if available), the config's
-        rollout settings, ``loss_kwargs`` (default: the config's)."""
-        from .embedded import resolve_paths
-
-        paths = resolve_paths(cfg, verbose)
+    def from_config(cls, cfg, paths: dict, *, loss_kwargs: dict | None = None, device=None) -> Pipeline:
+        """The tools' pipeline (vgs-calibrate, vgs-analyze): the models at ``paths["student"]`` /
+        ``paths["teacher"]``, both in fp32 and eval mode (dropout off: gradients are measured, not trained on)
+        on ``device`` (default: CUDA if available), the config's rollout settings, ``loss_kwargs`` (default:
+        the config's)."""
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         processor, student, teacher, vocab = load_pair(paths["student"], paths["teacher"],
                                                        attn_implementation=cfg.model.attn_implementation)

@@ -1,5 +1,6 @@
 """The on-policy distillation loop, nanoGPT-style: read :meth:`Trainer.train`, then :meth:`Trainer.train_step`,
-then the micro-step (:class:`DistillStep` here, :class:`vgs_train.grpo.GRPOStep` for the GRPO methods).
+then the micro-step (:class:`vgs_train.loops.distill.DistillStep`, :class:`vgs_train.loops.grpo.GRPOStep` for the GRPO
+methods; their common interface: :mod:`vgs_train.loops.distill`).
 
 Per optimizer step, for each of ``optim.grad_accum`` micro-batches (``accelerator.accumulate``: gradients
 are reduced and DeepSpeed steps on the last one only; ``accelerator.backward`` divides by the count):
@@ -10,7 +11,7 @@ are reduced and DeepSpeed steps on the last one only; ``accelerator.backward`` d
   4. the VGS loss of both lm_heads (``Pipeline.loss``); backward.
 
 Then gradient clipping, AdamW (linear warm-up, then constant), logging, evaluation, checkpoints
-(:mod:`vgs_train.checkpoint`). docs/training.md describes the step and the multi-process rules.
+(:mod:`vgs_train.loops.checkpoint`). docs/training.md describes the step and the multi-process rules.
 
 Multi-process (``accelerate launch`` / ``torchrun``): every rank draws the same global micro-batch from the
 seeded sampler and keeps its share (``rank_share``), samples its own rollouts, and scales its loss by the
@@ -31,11 +32,10 @@ import time
 
 import torch
 
-from .calibrate import AutoGamma, summarise
-from .checkpoint import Checkpoints, Progress, atomic_write, check_resume_config, truncate_log
-from .config import TrainConfig, save_config, steering_mode
-from .data import Sampler, load_dataset_rows
-from .distributed import (
+from ..config import TrainConfig, save_config, steering_mode
+from ..data.examples import Sampler, load_dataset_rows
+from ..models.modeling import lm_head_rows
+from ..pipeline.distributed import (
     configure_deepspeed,
     global_counts,
     prepare_sharded_lm_head,
@@ -43,17 +43,18 @@ from .distributed import (
     reduce_metrics,
     run_with_lm_head,
 )
+from ..pipeline.evaluate import evaluate
+from ..pipeline.gradients import select_params
+from ..pipeline.health import HealthMonitor
+from ..pipeline.pipe import Pipeline, load_pair
+from ..pipeline.rollout import build_engine
+from ..pipeline.views import PromptBuilder
+from .calibrate import AutoGamma, summarise
+from .checkpoint import Checkpoints, Progress, atomic_write, check_resume_config, truncate_log
+from .distill import DistillStep
 from .embedded import resolve_paths
-from .evaluate import evaluate
-from .gradients import select_params
 from .grpo import GRPOStep
-from .health import HealthMonitor, prior_gap
-from .modeling import lm_head_rows
-from .pipeline import Pipeline, load_pair
-from .rollout import build_engine
-from .views import PromptBuilder
 
-GRPO_BUFFER = "grpo_buffer"  # the rank file of GRPO's stored rollouts (grpo_buffer_rank<r>.pt)
 STEP_TIMES = ("time_rollout", "time_forward", "time_loss_backward")
 
 
@@ -88,9 +89,8 @@ class Trainer:
         self.sampler = Sampler(len(self.rows), cfg.run.seed, cfg.data.shuffle)
         self.auto_gamma = AutoGamma(cfg.loss.gamma_calibration_steps) if cfg.loss.gamma == "auto" else None
         gamma_fn = self._gamma if self.auto_gamma is not None else None
-        self.micro_step = (GRPOStep(self.pipe, cfg, scale=self._loss_scale, gamma_fn=gamma_fn) if cfg.is_grpo else
-                           DistillStep(self.pipe, cfg, scale=self._loss_scale, in_forward=self._in_forward,
-                                       gamma_fn=gamma_fn))
+        self.micro_step = step_class(cfg)(self.pipe, cfg, scale=self._loss_scale, in_forward=self._in_forward,
+                                          gamma_fn=gamma_fn)
         self.health = HealthMonitor(cfg.health, warmup_steps=cfg.optim.warmup_steps,
                                     watch_prior_gap=cfg.uses_visual_target)
         self.progress = Progress()
@@ -98,7 +98,7 @@ class Trainer:
                                        cfg.run.keep_checkpoints)
         # saved and restored by accelerator.save_state / load_state, in this order
         state = [self.progress, self.sampler, self.health]
-        state += [self.micro_step] if cfg.is_grpo else []
+        state += self.micro_step.checkpoint_state()
         state += [self.auto_gamma] if self.auto_gamma is not None else []
         self.accelerator.register_for_checkpointing(*state)
         self._stop_signal = None
@@ -316,16 +316,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> str:
-        """Model, optimizer, every rank's RNG streams, the registered state (``vgs_train.checkpoint``)."""
-        rank_state = {GRPO_BUFFER: self.micro_step.rank_state()} if self.cfg.is_grpo else None
-        return self.checkpoints.save(self.step, rank_state)
+        """Model, optimizer, every rank's RNG streams, the registered state (``vgs_train.loops.checkpoint``)."""
+        return self.checkpoints.save(self.step, self.micro_step.rank_files())
 
     def load_checkpoint(self, path: str) -> None:
         self.checkpoints.load(path)
         self.checkpoints.saved_step = self.step
-        if self.cfg.is_grpo and self.micro_step.uses > 0:  # mid-way through grpo.iterations
-            self.micro_step.load_rank_state(self.checkpoints.load_rank_state(path, GRPO_BUFFER),
-                                            self.accelerator.device)
+        self.micro_step.restore_rank_files(self.checkpoints, path, self.accelerator.device)
         if self.accelerator.is_main_process:  # lines logged after this checkpoint are logged again
             for log in ("metrics.jsonl", "eval.jsonl"):
                 truncate_log(os.path.join(self.run_dir, log), self.step)
@@ -373,7 +370,7 @@ class Trainer:
 
     def _check_launch(self) -> None:
         cfg = self.cfg
-        if cfg.is_grpo and self._sharded:
+        if not step_class(cfg).shardable and self._sharded:
             raise ValueError(f"loss.method={cfg.loss.method} runs with DDP or one process; FSDP / DeepSpeed shard "
                              "the lm_head that GRPO's log-probabilities read outside the model's forward")
         if self.world > 1 and cfg.loss.gamma == "auto":
@@ -405,20 +402,8 @@ class Trainer:
         return Pipeline(self.student, self.teacher, builder, engine, self.vocab_size, cfg.loss_kwargs(),
                         device=acc.device, autocast=acc.autocast, paths=self.paths)
 
-    @property
-    def builder(self) -> PromptBuilder:
-        return self.pipe.builder
-
-    @property
-    def engine(self):
-        return self.pipe.engine
-
-    @property
-    def loss_kwargs(self) -> dict:
-        return self.pipe.loss_kwargs
-
     def _drop_long_prompts(self, rows: list, limit: int) -> list:
-        lengths = self.builder.prompt_lengths(rows)
+        lengths = self.pipe.builder.prompt_lengths(rows)
         kept = [r for r, n in zip(rows, lengths) if n <= limit]
         if not kept:
             raise ValueError(f"data.max_prompt_length={limit}: every training prompt is longer "
@@ -429,39 +414,9 @@ class Trainer:
         return kept
 
 
-class DistillStep:
-    """The trainer's micro-step for the distillation methods (opd, vgs, vgs-adaptive, language-steering):
-    sample, four decoder passes, the VGS loss (inside the student's forward where the engine needs it,
-    ``in_forward``), scaled by ``scale(mask)`` (the global normaliser over ranks)."""
-
-    def __init__(self, pipe: Pipeline, cfg: TrainConfig, *, scale, in_forward, gamma_fn=None):
-        self.pipe, self.cfg, self.scale, self.in_forward, self.gamma_fn = pipe, cfg, scale, in_forward, gamma_fn
-
-    def begin(self, micro_batches: int) -> bool:
-        return False  # every micro-batch samples new rollouts
-
-    def end(self) -> None:
-        pass
-
-    def __call__(self, index: int, rows: list) -> tuple[torch.Tensor, dict]:
-        rollout = self.pipe.sample(rows, self.cfg.rollout.samples_per_prompt)
-        mask = rollout.views.mask
-        t1 = time.perf_counter()
-        hidden = self.pipe.hidden(rollout.views)
-        t2 = time.perf_counter()
-        gamma = self.gamma_fn(hidden, mask) if self.gamma_fn is not None else self.pipe.loss_kwargs["gamma"]
-        scale = self.scale(mask)  # a collective before the loss's own (the VDS gather): same order on all ranks
-
-        def loss():  # tensors out: DeepSpeed hooks the outputs of the redirected forward
-            out = self.pipe.loss(hidden, mask, gamma=gamma, return_per_token=True)
-            return out.loss, out
-
-        loss, out = self.in_forward(loss)
-        loss = loss * scale
-        return loss, {"loss": loss.item(), **out.metrics, "gamma": gamma, "tokens": int(mask.sum()),
-                      "response_len": float(mask.sum(1).float().mean()), "truncated": rollout.truncated,
-                      "prior_gap": prior_gap(out.per_token, mask), "rollout_acc": rollout.accuracy,
-                      "time_rollout": rollout.seconds, "time_forward": t2 - t1, "time_loss": time.perf_counter() - t2}
+def step_class(cfg: TrainConfig):
+    """The micro-step of ``loss.method``: GRPO's or distillation's."""
+    return GRPOStep if cfg.is_grpo else DistillStep
 
 
 def make_accelerator(cfg: TrainConfig):

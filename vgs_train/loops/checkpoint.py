@@ -29,7 +29,7 @@ import shutil
 
 import torch
 
-from .config import TrainConfig, load_config, to_dict
+from ..config import TrainConfig, load_config, to_dict
 
 LATEST = "latest"
 STEP_DIR = "step_{step:07d}"

@@ -67,7 +67,7 @@ def run_key(payload: dict) -> str:
 # ---------------------------------------------------------------------------- the jobs (in a worker)
 def _enter_worker(job: dict) -> dict:
     """One thread, quiet transformers, and the instruction-set setting the job asked for (checked)."""
-    from . import machine
+    from .. import machine
 
     torch.set_num_threads(THREADS)
     from transformers.utils import logging as hf_logging
@@ -87,12 +87,12 @@ def train_run(job: dict) -> dict:
     """Distil one student: train with ``job["overrides"]``, then assess it on ``job["eval_rows"]`` held-out rows.
     Returns the assessment, the per-step history and where it ran."""
     info = _enter_worker(job)
+    from ..config import load_config
+    from ..data.examples import load_jsonl
+    from ..loops.trainer import Trainer
+    from ..models.modeling import load_model, load_processor
+    from ..pipeline.health import SIGNALS
     from .assess import assess
-    from .config import load_config
-    from .data import load_jsonl
-    from .health import SIGNALS
-    from .modeling import load_model, load_processor
-    from .trainer import Trainer
 
     cfg = load_config(None, job["overrides"])
     queue = job.get("queue")
@@ -121,11 +121,11 @@ def train_run(job: dict) -> dict:
 def reference_run(job: dict) -> dict:
     """The teacher (with and without the image) and the initial student, assessed on the held-out rows."""
     info = _enter_worker(job)
+    from ..config import load_config
+    from ..data.examples import load_jsonl
+    from ..loops.embedded import resolve_paths
+    from ..models.modeling import load_model, load_processor
     from .assess import assess
-    from .config import load_config
-    from .data import load_jsonl
-    from .embedded import resolve_paths
-    from .modeling import load_model, load_processor
 
     cfg = load_config(None, job["overrides"])
     paths = resolve_paths(cfg, verbose=False)
@@ -185,7 +185,7 @@ def run_jobs(jobs: list[dict], workers: int, *, setting: str = "default", desc: 
     reused, a new one is written there as soon as it is ready}."""
     from tqdm.auto import tqdm
 
-    from .machine import isa_environment
+    from ..machine import isa_environment
 
     jobs = [{**j, "setting": setting} for j in jobs]
     results: list = [None] * len(jobs)

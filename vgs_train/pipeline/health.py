@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import HealthConfig
+from ..config import HealthConfig
 
 SIGNALS = {
     "acc_drop": "rollout accuracy fell far under its best",

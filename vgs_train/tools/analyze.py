@@ -28,9 +28,9 @@ import os
 
 import torch
 
-from .gradients import angle_deg, cosine, norm, select_params
-from .pipeline import Hidden, Pipeline
-from .rng import fork_rng
+from ..data.rng import fork_rng
+from ..pipeline.gradients import angle_deg, cosine, norm, select_params
+from ..pipeline.pipe import Hidden, Pipeline
 
 TERMS = ("std", "vis", "lang")
 PAIRS = (("lang", "vis"), ("std", "vis"), ("std", "lang"))

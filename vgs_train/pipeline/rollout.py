@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import RolloutConfig
+from ..config import RolloutConfig
 
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 

@@ -7,7 +7,7 @@ of safetensors with a manifest of their hashes): preparation trains in floating 
 oneDNN pick AVX-512 or AVX2 code paths by CPU, so two machines prepare different models from the same
 settings (single-threaded and deterministic or not). With the shipped files every machine starts from the
 same models. Other ``embedded`` settings (or ``embedded.shipped=false``) prepare locally as before;
-``python -m vgs_train.embedded --write-shipped DIR`` rebuilds the shipped files.
+``python -m vgs_train.loops.embedded --write-shipped DIR`` rebuilds the shipped files.
 """
 
 from __future__ import annotations
@@ -23,20 +23,20 @@ import time
 
 import torch
 
-from . import synthetic
-from .config import TrainConfig, to_dict
-from .data import Sampler, load_jsonl
-from .rng import fork_rng
-from .views import REASONING_SYSTEM_PROMPT, PromptBuilder, append_completion, response_hidden
+from ..config import TrainConfig, to_dict
+from ..data import synthetic
+from ..data.examples import Sampler, load_jsonl
+from ..data.rng import fork_rng
+from ..pipeline.views import REASONING_SYSTEM_PROMPT, PromptBuilder, append_completion, response_hidden
 
 PREP_VERSION = 4
 PREP_THREADS = 1  # preparation runs single-threaded whatever the machine (see ``deterministic``)
-SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepared")
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prepared")
 MODELS = ("teacher", "student")
 
 
 def build_tokenizer(vocab: str):
-    from .tokenizer import build_qwen_tokenizer
+    from ..data.tokenizer import build_qwen_tokenizer
 
     if vocab == "full":
         return build_qwen_tokenizer("full")
@@ -243,7 +243,7 @@ def write_shipped(cfg: TrainConfig, out_dir: str, *, cache_dir: str | None = Non
     data's pixel hash, the machine and library versions they were prepared with)."""
     import tempfile
 
-    from . import machine
+    from .. import machine
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = _with_embedded(cfg, cache_dir=os.path.abspath(cache_dir or tmp), shipped=False)
@@ -394,7 +394,7 @@ def _alive(pid: int) -> bool:
 
 def _train_model(e, name: str, train_path: str, out: str, verbose: bool) -> dict:
     """SFT one tiny model (``name``: teacher or student) on the task's training rows; saved to ``out``."""
-    from .tiny import build_processor, build_tiny_model
+    from ..models.tiny import build_processor, build_tiny_model
 
     tok = build_tokenizer(e.tokenizer_vocab)
     proc = build_processor(tok, min_pixels=32 * 32, max_pixels=max(e.image_size, 32) ** 2)
@@ -416,9 +416,9 @@ def _train_model(e, name: str, train_path: str, out: str, verbose: bool) -> dict
 def main(argv=None) -> int:
     import argparse
 
-    from .config import load_config
+    from ..config import load_config
 
-    p = argparse.ArgumentParser(prog="python -m vgs_train.embedded", description="Prepare the embedded default's "
+    p = argparse.ArgumentParser(prog="python -m vgs_train.loops.embedded", description="Prepare the embedded default's "
                                 "teacher and student (SFT on the synthetic task) and write them as the shipped "
                                 "models with their manifest.")
     p.add_argument("--write-shipped", metavar="DIR", required=True,

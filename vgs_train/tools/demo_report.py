@@ -1,0 +1,158 @@
+"""The demo's results: means over seeds, the comparison with the study's intervals, its tables (plain text and
+the README's markdown) and its training curves."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from .readme import format_rows, markdown
+
+MEAN_KEYS = ("acc", "acc_sampled", "acc_text", "own_phrasing_share", "own_phrasing_pref", "std", "vis", "lang",
+             "prior_gap", "truncated", "degenerate")
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Mean over seeds per arm, with the collapse and no-gain counts."""
+    groups: dict = {}
+    for r in runs:
+        groups.setdefault(r["arm"], []).append(r)
+    out = []
+    for arm, rs in groups.items():
+        mean = {k: sum(r[k] for r in rs) / len(rs) for k in MEAN_KEYS}
+        out.append({"arm": arm, "label": rs[0]["label"], "method": rs[0]["method"], "alpha": rs[0]["alpha"],
+                    "seeds": len(rs), **mean, "collapsed": sum(r["collapsed"] for r in rs),
+                    "no_gain": sum(r["no_gain"] for r in rs)})
+    return out
+
+
+def against_study(res: dict, study: dict | None) -> list[dict]:
+    """Per arm of this demo: the study's intervals under the default setting and whether each of this
+    machine's runs lies inside the study's 95 % prediction interval for one run."""
+    if not study:
+        return []
+    arms = {a["arm"]: a for a in study["arms"] if a["setting"] == "default"}
+    out = []
+    for m in res["means"]:
+        a = arms.get(m["arm"])
+        if a is None:
+            continue
+        runs = [r for r in res["runs"] if r["arm"] == m["arm"]]
+        lo, hi = a["acc_pred95"]
+        out.append({"arm": m["arm"], "label": m["label"], "study_acc_mean": a["acc_mean"],
+                    "study_acc_ci95": a["acc_ci95"], "study_acc_pred95": a["acc_pred95"],
+                    "study_n_seeds": a["n_seeds"],
+                    "inside": [bool(lo <= r["acc"] <= hi) for r in runs], "runs": [r["acc"] for r in runs]})
+    return out
+
+
+def _f(x, fmt=".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def table_rows(res: dict) -> list[list[str]]:
+    """The demo table as rows of cells (header first)."""
+    rows = [["model", "seed", "acc@1", "colour / shape", "sampled acc", "text-only acc", "own phrasing",
+             "std KL", "vis KL", "lang KL", "prior gap", "collapsed", "no gain"]]
+    t, tt, s, st = res["teacher"], res["teacher_text"], res["initial"], res["initial_text"]
+
+    def by_type(r):
+        return f"{r['acc_by_type']['colour']:.2f} / {r['acc_by_type']['shape']:.2f}"
+
+    rows.append(["teacher", "-", _f(t["acc"]), by_type(t), _f(t["acc_sampled"]), _f(tt["acc"]),
+                 _f(t["own_phrasing_share"]), "-", "-", "-", "-", "-", "-"])
+    rows.append(["initial student", "-", _f(s["acc"]), by_type(s), _f(s["acc_sampled"]), _f(st["acc"]),
+                 _f(s["own_phrasing_share"]), _f(s["std"]), _f(s["vis"]), _f(s["lang"]), _f(s["prior_gap"]),
+                 "-", "-"])
+    for mean in res["means"]:
+        for r in (r for r in res["runs"] if r["arm"] == mean["arm"]):
+            rows.append([r["label"], str(r["seed"]), _f(r["acc"]), by_type(r), _f(r["acc_sampled"]),
+                         _f(r["acc_text"]), _f(r["own_phrasing_share"]), _f(r["std"]), _f(r["vis"]), _f(r["lang"]),
+                         _f(r["prior_gap"]), "yes" if r["collapsed"] else "no", "yes" if r["no_gain"] else "no"])
+        rows.append([f"{mean['label']} mean", f"{mean['seeds']} seeds", _f(mean["acc"]), "", _f(mean["acc_sampled"]),
+                     _f(mean["acc_text"]), _f(mean["own_phrasing_share"]), _f(mean["std"]), _f(mean["vis"]),
+                     _f(mean["lang"]), _f(mean["prior_gap"]), f"{mean['collapsed']}/{mean['seeds']}",
+                     f"{mean['no_gain']}/{mean['seeds']}"])
+    return rows
+
+
+def study_rows(res: dict) -> list[list[str]]:
+    rows = [["model", "this machine: acc@1 per seed", "study: mean [95 % CI]", "study: one run, 95 %",
+             "runs inside"]]
+    for c in res["against_study"]:
+        lo, hi = c["study_acc_pred95"]
+        rows.append([c["label"], " / ".join(_f(a) for a in c["runs"]),
+                     f"{_f(c['study_acc_mean'])} [{_f(c['study_acc_ci95'][0])}, {_f(c['study_acc_ci95'][1])}] "
+                     f"({c['study_n_seeds']} seeds)", f"[{_f(lo)}, {_f(hi)}]", f"{sum(c['inside'])}/{len(c['inside'])}"])
+    return rows
+
+
+def format_table(res: dict) -> str:
+    text = format_rows(table_rows(res))
+    if res.get("against_study"):
+        text += "\n\nAgainst the study (docs/results/study.json, the machine's own instruction set):\n"
+        text += format_rows(study_rows(res))
+    return text
+
+
+def readme_section(res: dict) -> str:
+    """The README's demo section (between the demo markers), generated from ``results.json``."""
+    st = res["settings"]
+    lines = [
+        f"_Generated by `python -m vgs_train.tools.demo --report {st['out']}/results.json --readme README.md` from a "
+        f"cold-cache `make demo` run ({res['machine']['cpu']}, {res['machine']['cpu_capability']}, "
+        f"{res['wall_s']:.0f} s wall; torch {res['versions']['torch']}, transformers "
+        f"{res['versions']['transformers']}); do not edit by hand._",
+        "",
+        f"{st['steps']} distillation steps per run, {st['batch_size']} prompts per step, lr {st['lr']:g} "
+        f"(warm-up {st['warmup_steps']} steps), seeds {', '.join(str(s) for s in st['seeds'])}; evaluated on "
+        f"{st['eval_rows']} held-out prompts.",
+        "",
+        *markdown(table_rows(res)),
+    ]
+    if res.get("against_study"):
+        lines += ["", "The same runs against the study's intervals (machine's own instruction set):", "",
+                  *markdown(study_rows(res))]
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list[dict], path: str) -> None:
+    """Every run's training curves (moving averages over 10 steps; one colour per arm, one line per seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("std", "std KL(p||q)"), ("vis", "vis KL(p||r)"), ("lang", "lang KL(p'||q')"),
+            ("prior_gap", "prior gap (low-VDS lang KL)"), ("rollout_acc", "rollout accuracy"),
+            ("truncated", "truncated responses")]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.4))
+    colours = {}
+    styles = ["-", "--", ":", "-."]
+    for ax, (k, title) in zip(axes.flat, keys):
+        for r in runs:
+            colour = colours.setdefault(r["label"], f"C{len(colours)}")
+            xs = [m["step"] for m in r["history"]]
+            ys = [m[k] for m in r["history"]]
+            sm = [_mean(ys[max(0, j - 9):j + 1]) for j in range(len(ys))]
+            ax.plot(xs, sm, color=colour, linestyle=styles[r["seed"] % len(styles)],
+                    label=f"{r['label']}, seed {r['seed']}")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if x == x]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def load_study(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
