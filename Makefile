@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test-deps demo test lint clean gpu-check
+.PHONY: install test-deps demo study test lint clean gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ $(STAMP): pyproject.toml setup.py vgs_kernels/_cuda_home.py $(wildcard csrc/*) |
 
 demo: install
 	$(PY) -m vgs_train.tools.demo
+
+# What the demo's comparison supports: every arm on 8 seeds under the machine's own instruction set and under
+# emulated AVX2 (about 1.7 h on 2 cores; each run's result is cached in runs/study, a rerun adds what is missing)
+study: install
+	$(PY) -m vgs_train.tools.study --readme README.md
 
 # verl for the adapter's and the recipe's tests (tests/kernels/integrations/test_verl.py, tests/train/integrations/
 # test_verl_recipe.py: verl's own agg_loss / distillation_loss, its engine registry): the package without its

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -111,7 +112,9 @@ def kernels_section(doc) -> list[str]:
     names = list(doc.get("cases") or dict.fromkeys(r["case"] for r in results))
     bts = sh["bt"]
     timing = doc.get("timing", {})
-    out = [_heading(doc, "Kernels"), "",
+    variant = re.search(r"(\w+) variant", (doc.get("backends") or {}).get("cpu", ""))
+    what = "Kernels" + (f", C++ row kernel {variant.group(1)} variant" if variant and dev_type == "cpu" else "")
+    out = [_heading(doc, what), "",
            f"Fused-linear loss forward + backward, {sh['dtype']}, V = {sh['vocab']}, "
            f"H_student = {sh['hidden_student']}, H_teacher = {sh['hidden_teacher']}. Times are medians of n timed "
            f"runs, n in every cell (at least {timing.get('min_repeats', '?')}; more, up to "
@@ -141,6 +144,7 @@ def kernels_section(doc) -> list[str]:
              "driver GEMM floor / time", "VGS peak memory"]
     head += [f"memory / `{lg}` (≤ 1.2x)" for lg in ligers]
     head += [f"reference memory / VGS (≥ 8x at B*T = {mem_bt})", "VGS / own standard"]
+    head += [f"own standard / `{lg}` (≤ 1.0x)" for lg in ligers]
     tr = []
     for bt in bts:
         for case in fused:
@@ -169,6 +173,8 @@ def kernels_section(doc) -> list[str]:
             else:
                 ref = "-"
             cells += [ref, C.fmt_ratio(r.get("time_vs_own_standard"))]
+            cells += [_mark(C.fmt_ratio(r.get(f"standard_time_vs_{lg}")), targets.get(("std_time_vs_liger", bt, be, lg)))
+                      for lg in ligers]
             tr.append(cells)
     if tr:
         out.append(f"Against the targets ({MET} met, {MISSED}; every B*T and fused backend):")

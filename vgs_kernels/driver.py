@@ -263,7 +263,10 @@ def _call_rows(rows_fn, zs, zsp, zt, ztp, coef, **kw) -> torch.Tensor:
     """``rows_fn`` on one chunk, reported to ``vgs_kernels.hooks`` (when observed)."""
     if hooks.active():
         two = zs is zsp and zt is ztp
-        hooks.emit("rows", backend=getattr(rows_fn, "__module__", "?").rsplit(".", 1)[-1], rows=zs.shape[0],
+        module = getattr(rows_fn, "__module__", "")
+        # a function by its dotted name; the extension's operator as torch names it (vgs_kernels.vgs_rows.default)
+        kernel = str(rows_fn) if module.startswith("torch._ops") else f"{module}.{rows_fn.__qualname__}"
+        hooks.emit("rows", kernel=kernel, rows=zs.shape[0],
                    width=zs.shape[1], vocab=kw.get("vocab"), dtype=str(zs.dtype), streams=2 if two else 4,
                    grads=sum(kw.get(k) is not None for k in ("grad_zs", "grad_zsp")))
     return rows_fn(zs, zsp, zt, ztp, coef, **kw)

@@ -9,7 +9,7 @@ Events (``info`` is a dict; shapes are tuples):
 
 * ``"chunk"``: a pass starts a chunk of rows: ``pass_`` (1 or 2), ``rows``, ``chunk_size`` (the most rows
   per chunk);
-* ``"rows"``: a row-kernel call: ``backend`` (its name), ``rows``, ``width``, ``vocab``, ``dtype``,
+* ``"rows"``: a row-kernel call: ``kernel`` (the row function's dotted name, or the extension's operator), ``rows``, ``width``, ``vocab``, ``dtype``,
   ``streams`` (4, or 2 when the text-only pair is the image pair), ``grads`` (the gradient buffers
   written: 0, 1 or 2);
 * ``"accumulate"``: a weight-gradient GEMM into the fp32 accumulator: ``path`` (``"addmm"`` operands

@@ -26,6 +26,13 @@ def test_t_quantiles_and_intervals():
     assert accuracy_se(0.44, 200) == pytest.approx(0.0351, abs=1e-4)
     with pytest.raises(ValueError):
         mean_ci([])
+    # a share of 0/1 outcomes: the t interval reaches past [0, 1]; clipped to the range, the mean unchanged
+    lumpy = [0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+    raw, clipped = mean_ci(lumpy), mean_ci(lumpy, (0.0, 1.0))
+    assert raw["ci95"][0] < 0 and clipped["ci95"][0] == 0.0 and clipped["ci95"][1] == raw["ci95"][1] < 1
+    assert clipped["mean"] == raw["mean"] == 0.25
+    assert prediction_interval(lumpy, (0.0, 1.0))[0] == 0.0
+    assert paired_diff({0: 1.0, 1: 1.0, 2: 0.9}, {0: 0.0, 1: 0.0, 2: 0.0}, (-1.0, 1.0))["ci95"][1] <= 1.0
 
 
 def _arm(name, setting, method="vgs", diff=(0.0, -0.01, 0.01), own=(1.0, 1.0, 1.0), own_diff=(0.0, -0.1, 0.1),

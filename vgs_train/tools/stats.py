@@ -23,8 +23,10 @@ def t975(df: int) -> float:
             + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
 
 
-def mean_ci(xs: list[float]) -> dict:
-    """{"mean", "ci95": [lo, hi], "sd", "n"} of ``xs`` (t interval; with one value the interval is NaN)."""
+def mean_ci(xs: list[float], bounds: tuple[float, float] | None = None) -> dict:
+    """{"mean", "ci95": [lo, hi], "sd", "n"} of ``xs`` (t interval; with one value the interval is NaN).
+    ``bounds``: the range the quantity lives in (an accuracy's [0, 1]); the interval is clipped to it (a t
+    interval of bounded, lumpy values such as 0/1 outcomes can reach past the range, where the mean cannot)."""
     xs = [float(x) for x in xs]
     n = len(xs)
     if n == 0:
@@ -34,25 +36,33 @@ def mean_ci(xs: list[float]) -> dict:
         return {"mean": m, "ci95": [math.nan, math.nan], "sd": math.nan, "n": 1}
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (n - 1))
     half = t975(n - 1) * sd / math.sqrt(n)
-    return {"mean": m, "ci95": [m - half, m + half], "sd": sd, "n": n}
+    return {"mean": m, "ci95": _clip([m - half, m + half], bounds), "sd": sd, "n": n}
 
 
-def prediction_interval(xs: list[float]) -> list[float]:
-    """95 % interval for one more run drawn like ``xs``: mean +- t * sd * sqrt(1 + 1/n)."""
+def prediction_interval(xs: list[float], bounds: tuple[float, float] | None = None) -> list[float]:
+    """95 % interval for one more run drawn like ``xs``: mean +- t * sd * sqrt(1 + 1/n) (clipped to ``bounds``)."""
     s = mean_ci(xs)
     n = s["n"]
     if n < 2:
         return [math.nan, math.nan]
     half = t975(n - 1) * s["sd"] * math.sqrt(1 + 1 / n)
-    return [s["mean"] - half, s["mean"] + half]
+    return _clip([s["mean"] - half, s["mean"] + half], bounds)
 
 
-def paired_diff(a: dict, b: dict) -> dict:
-    """``a - b`` over the keys (seeds) both have: mean_ci of the per-key differences, plus "keys"."""
+def paired_diff(a: dict, b: dict, bounds: tuple[float, float] | None = None) -> dict:
+    """``a - b`` over the keys (seeds) both have: mean_ci of the per-key differences (clipped to ``bounds``),
+    plus "keys"."""
     keys = sorted(set(a) & set(b))
     if not keys:
         raise ValueError("paired_diff: no key in common")
-    return {**mean_ci([a[k] - b[k] for k in keys]), "keys": keys}
+    return {**mean_ci([a[k] - b[k] for k in keys], bounds), "keys": keys}
+
+
+def _clip(ci: list[float], bounds: tuple[float, float] | None) -> list[float]:
+    if bounds is None:
+        return ci
+    lo, hi = bounds
+    return [min(max(x, lo), hi) if x == x else x for x in ci]
 
 
 def covers_zero(ci: list[float]) -> bool:

@@ -93,17 +93,21 @@ def train_job(run_root: str, setting: str, arm: Arm, seed: int, extra: list[str]
 
 
 # ---------------------------------------------------------------------------- aggregation
+SHARE = (0.0, 1.0)  # the range of an accuracy or a share: its intervals are clipped to it
+DIFF = (-1.0, 1.0)  # the range of a difference of two
+
+
 def arm_summary(runs: list[dict], opd_runs: list[dict], reference: dict, window: int) -> dict:
     """Per-arm statistics over seeds (``runs`` of one arm and setting; ``opd_runs`` its OPD pairs by seed)."""
     from .assess import outcome
 
     init, teacher = reference["initial"], reference["teacher"]
     flags = [outcome(r, init, window) for r in runs]
-    acc = mean_ci([r["acc"] for r in runs])
-    diff = paired_diff({r["seed"]: r["acc"] for r in runs}, {r["seed"]: r["acc"] for r in opd_runs})
-    own = mean_ci([r["own_phrasing_share"] for r in runs])
+    acc = mean_ci([r["acc"] for r in runs], SHARE)
+    diff = paired_diff({r["seed"]: r["acc"] for r in runs}, {r["seed"]: r["acc"] for r in opd_runs}, DIFF)
+    own = mean_ci([r["own_phrasing_share"] for r in runs], SHARE)
     own_diff = paired_diff({r["seed"]: r["own_phrasing_share"] for r in runs},
-                           {r["seed"]: r["own_phrasing_share"] for r in opd_runs})
+                           {r["seed"]: r["own_phrasing_share"] for r in opd_runs}, DIFF)
     first = runs[0]
     gap = teacher["acc"] - init["acc"]
     return {
@@ -113,13 +117,13 @@ def arm_summary(runs: list[dict], opd_runs: list[dict], reference: dict, window:
         "paired_with": opd_runs[0]["label"],
         "seeds": sorted(r["seed"] for r in runs),
         "acc_mean": acc["mean"], "acc_ci95": acc["ci95"], "acc_sd": acc["sd"],
-        "acc_pred95": prediction_interval([r["acc"] for r in runs]),
+        "acc_pred95": prediction_interval([r["acc"] for r in runs], SHARE),
         "gap_closed": (acc["mean"] - init["acc"]) / gap if gap > 0 else math.nan,
         "diff_vs_opd_mean": diff["mean"], "diff_vs_opd_ci95": diff["ci95"],
         "own_phrasing_share_mean": own["mean"], "own_phrasing_share_ci95": own["ci95"],
         "own_phrasing_diff_vs_opd_mean": own_diff["mean"], "own_phrasing_diff_vs_opd_ci95": own_diff["ci95"],
         **{f"{k}_mean": mean_ci([r[k] for r in runs])["mean"] for k in ("acc_sampled", "acc_text", "degenerate")},
-        **{f"{k}_ci95": mean_ci([r[k] for r in runs])["ci95"] for k in ("acc_sampled", "acc_text")},
+        **{f"{k}_ci95": mean_ci([r[k] for r in runs], SHARE)["ci95"] for k in ("acc_sampled", "acc_text")},
         "acc_by_type_mean": {t: mean_ci([r["acc_by_type"][t] for r in runs])["mean"] for t in first["acc_by_type"]},
         "collapsed": sum(f["collapsed"] for f in flags), "no_gain": sum(f["no_gain"] for f in flags),
         "per_seed": [{"seed": r["seed"], "acc": r["acc"], "own_phrasing_share": r["own_phrasing_share"], **f}
