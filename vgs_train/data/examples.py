@@ -81,7 +81,7 @@ def load_dataset_rows(spec: str, image_root: str = "") -> list[Example]:
             import datasets
         except ImportError as exc:
             raise ImportError(
-                f"data spec {spec!r} needs the `datasets` package: pip install 'vgs-kernels[datasets]'"
+                f"data spec {spec!r} needs the `datasets` package: pip install datasets"
             ) from exc
 
         if spec.startswith("hf:"):

