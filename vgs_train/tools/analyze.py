@@ -106,14 +106,6 @@ def _model_vjp(hidden: tuple, ws: torch.Tensor, params, terms: list, batched: bo
     return res
 
 
-def bin_gradients(pipe: Pipeline, hidden: Hidden, bin_mask: torch.Tensor, params) -> dict:
-    """Parameter gradients (summed over the bin's tokens) of the std, vis and lang terms on one batch
-    (the hidden states' graph is kept)."""
-    h = _hidden_term_grads(pipe, hidden, bin_mask)
-    gs = _model_vjp(hidden, pipe.student_head.weight, params, [h[t] for t in TERMS], batched=False)
-    return dict(zip(TERMS, gs))
-
-
 def angle_row(g: dict) -> dict:
     row = {f"norm_{t}": norm(g[t]) for t in TERMS}
     for a, b in PAIRS:
