@@ -11,7 +11,6 @@ import torch
 from . import modes
 from . import validation as V
 from .backends import Backend, resolve
-from .chunks import default_chunk_size
 from .driver import DriverResult, reduction_weights, run_vgs
 from .options import CallKeywords, VGSOptions, split_keywords, takes_loss_keywords
 from .reference import reference_vgs
@@ -218,20 +217,10 @@ def fused_linear_vgs_loss(
             grad_on and t is not None and t.requires_grad
             for t in (student_hidden, student_text_hidden if text else None, ws, bs)
         )
-        # the logits of a chunk span the full rows of the heads: 4 streams, and with both student streams
-        # feeding the lm_head's gradient the image stream's half chunk of spare rows (LinearSource stacks
-        # the text stream's gradient rows there for one weight-gradient GEMM), else one more stream for the
-        # gathered gradient rows of the predicted-gated rows; 2 streams without the text view
-        stacked = text and (needs[2] or needs[3])
-        chunk = chunk_size or default_chunk_size(
-            valid_idx.numel(), min(ws.shape[0], wt.shape[0]), student_hidden.device, be.chunk_temps,
-            dtype=student_hidden.dtype, streams=(4.5 if stacked else 5) if text else 2,
-            largest=1.5 if stacked else 1.0,
-        )
         holder: dict = {}
         loss = _LinearFunction.apply(
             student_hidden, student_text_hidden, ws, bs, teacher_hidden, teacher_text_hidden, wt, bt,
-            valid_idx, rows.weights, rows.gate, opts, be.rows_fn, needs, chunk, not text, holder,
+            valid_idx, rows.weights, rows.gate, opts, be, needs, chunk_size, not text, holder,
         )
         result = holder["result"]
         result.loss = loss
@@ -259,9 +248,7 @@ class _LogitsFunction(torch.autograd.Function):
     def forward(ctx, zs, zsp, zt, ztp, valid_idx, weights, gate, opts, backend, needs, holder):
         flat = [z.reshape(-1, z.shape[-1]) for z in (zs, zsp, zt, ztp)]
         source = LogitsSource(*flat, vocab=opts.vocab_size, needs=needs)
-        # per row: 4 gathered logit rows (masked batches) and 2 gradient rows, in the logits' dtype
-        chunk = default_chunk_size(valid_idx.numel(), source.width, zs.device, backend.chunk_temps,
-                                   dtype=zs.dtype, streams=6)
+        chunk = source.chunk_rows(valid_idx.numel(), backend.chunk_temps)
         holder["result"] = result = run_vgs(
             source, valid_idx, weights, opts, backend.rows_fn, chunk, any(needs), gate=gate
         )
@@ -292,7 +279,7 @@ class _LinearFunction(torch.autograd.Function):
     """Loss and hidden/weight/bias gradients in one forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hs, hsp, ws, bs, ht, htp, wt, bt, valid_idx, weights, gate, opts, rows_fn, needs, chunk,
+    def forward(ctx, hs, hsp, ws, bs, ht, htp, wt, bt, valid_idx, weights, gate, opts, backend, needs, chunk_size,
                 alias_text, holder):
         flat = [h.reshape(-1, h.shape[-1]) for h in (hs, hsp, ht, htp)]
         # The GEMMs run in the hidden states' dtype (weights cast once if they differ).
@@ -303,9 +290,10 @@ class _LinearFunction(torch.autograd.Function):
         source = LinearSource(
             flat[0], flat[1], ws_c, bs_c, flat[2], flat[3], wt_c, bt_c, opts.vocab_size, needs, alias_text
         )
+        chunk = chunk_size or source.chunk_rows(valid_idx.numel(), backend.chunk_temps)
         with torch.autocast(device_type=hs.device.type, enabled=False):
             holder["result"] = result = run_vgs(
-                source, valid_idx, weights, opts, rows_fn, chunk, any(needs), gate=gate
+                source, valid_idx, weights, opts, backend.rows_fn, chunk, any(needs), gate=gate
             )
         gh = source.grad_hidden
         # a hidden stream that needs a gradient but got none (e.g. all-False mask) gets zeros

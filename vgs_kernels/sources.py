@@ -18,10 +18,17 @@ gradients of ``LinearSource``; ``LogitsSource``'s buffers in the logits' dtype).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .chunks import default_chunk_size
 from .driver import Rows
 from .gemm import accumulate_mm, mm_fp32
+
+# rows of the image stream's logits buffer beyond a chunk, per chunk row (LinearSource stacks the text stream's
+# gradient rows there)
+SPARE = 0.5
 
 
 def _take(x: torch.Tensor, rows: Rows) -> torch.Tensor:
@@ -63,6 +70,12 @@ class LogitsSource:
                 buf[part.rows].add_(grad, alpha=1.0 / scale)
             else:
                 buf.index_add_(0, part.rows, grad, alpha=1.0 / scale)
+
+    def chunk_rows(self, n_rows: int, temps: int) -> int:
+        """Rows per chunk (``temps``: the row kernel's own fp32 temporaries per row): per row, 4 gathered logit
+        rows (masked batches) and 2 gradient rows, in the logits' dtype."""
+        z = self.full["s"]
+        return default_chunk_size(n_rows, self.width, z.device, temps, dtype=z.dtype, streams=6)
 
     def release(self):
         pass
@@ -166,7 +179,22 @@ class LinearSource:
 
     @staticmethod
     def spare_rows(n: int) -> int:
-        return (n + 1) // 2
+        return math.ceil(n * SPARE)
+
+    def chunk_rows(self, n_rows: int, temps: int) -> int:
+        """Rows per chunk (``temps``: the row kernel's own fp32 temporaries per row). The logits of a chunk span
+        the full rows of the heads: a buffer per stream (2 without the text view); with the weight-gradient
+        GEMMs stacked, the image stream's buffer has ``SPARE`` more rows per chunk row, else the gathered
+        gradient rows of the predicted-gated rows take one more stream."""
+        h = self.hidden["s"]
+        if self.alias:
+            streams, largest = 2, 1.0
+        elif self.combine:
+            streams, largest = 4 + SPARE, 1 + SPARE
+        else:
+            streams, largest = 5, 1.0
+        return default_chunk_size(n_rows, self.width, h.device, temps, dtype=h.dtype, streams=streams,
+                                  largest=largest)
 
     def _stackable(self, parts) -> bool:
         first, second = parts
