@@ -135,9 +135,8 @@ def resolve(name: str | Backend, device: torch.device) -> Backend | None:
     if name == "auto":
         order = CUDA_ORDER if device.type == "cuda" else CPU_ORDER
         for candidate in order:
-            loaded = _load(candidate)
-            if not isinstance(loaded, str) and device.type in loaded.devices:
-                return loaded
+            if _usable(candidate, device.type):
+                return _load(candidate)
         raise ValueError(f"no backend runs on {device}; backends: {backends()}")
     loaded = _load(name)
     if isinstance(loaded, str):

@@ -35,8 +35,7 @@ def distill_gap(student, teacher, processor, rows, loss_kwargs: dict, *, batch_s
     builder = PromptBuilder(processor)
     tok = builder.tokenizer
     engine = HFRolloutEngine(tok, max_new_tokens=max_new_tokens, vocab_rows=lm_head_rows(student))
-    kw = {k: v for k, v in loss_kwargs.items() if k not in ("mode", "return_per_token")}
-    pipe = Pipeline(student, teacher, builder, engine, len(tok), {**kw, "mode": "vgs", "return_per_token": True})
+    pipe = Pipeline(student, teacher, builder, engine, len(tok), {**loss_kwargs, "mode": "vgs", "return_per_token": True})
     sums, count, gap_sum, gap_n = {"std": 0.0, "vis": 0.0, "lang": 0.0, "vds": 0.0}, 0, 0.0, 0
     with fork_rng():
         torch.manual_seed(seed)

@@ -47,15 +47,17 @@ class Arm:
         o += [] if self.detach_target_prior else ["loss.detach_target_prior=false"]
         return o
 
+    def _given(self) -> list[tuple[str, float]]:
+        return [(k, v) for k, v in (("alpha", self.alpha), ("beta", self.beta), ("lr", self.lr)) if v is not None]
+
     @property
     def name(self) -> str:
-        parts = [self.method] + [f"{k}{v:g}" for k, v in (("alpha", self.alpha), ("beta", self.beta), ("lr", self.lr))
-                                 if v is not None]
+        parts = [self.method] + [f"{k}{v:g}" for k, v in self._given()]
         return "-".join(parts + ([] if self.detach_target_prior else ["prior-grad"]))
 
     @property
     def label(self) -> str:
-        parts = [f"{k} {v:g}" for k, v in (("alpha", self.alpha), ("beta", self.beta), ("lr", self.lr)) if v is not None]
+        parts = [f"{k} {v:g}" for k, v in self._given()]
         parts += [] if self.detach_target_prior else ["gradient into z_sp"]
         return self.method.upper() + (f" ({', '.join(parts)})" if parts else "")
 
@@ -88,9 +90,7 @@ def train_run(job: dict) -> dict:
     Returns the assessment, the per-step history and where it ran."""
     info = _enter_worker(job)
     from ..config import load_config
-    from ..data.examples import load_jsonl
     from ..loops.trainer import Trainer
-    from ..models.modeling import load_model, load_processor
     from ..pipeline.health import SIGNALS
     from .assess import assess
 
@@ -108,9 +108,7 @@ def train_run(job: dict) -> dict:
     train_s = time.time() - t0
     student = trainer.unwrapped.eval()
     trainer.close()
-    proc = load_processor(trainer.paths["student"])
-    teacher = load_model(trainer.paths["teacher"]).eval()
-    rows = load_jsonl(trainer.paths["eval"])[:job["eval_rows"]]
+    proc, teacher, rows = _assessment_inputs(trainer.paths, job["eval_rows"])
     res = assess(student, teacher, proc, rows, cfg.loss_kwargs(), cfg.rollout.max_new_tokens)
     return {"name": job["name"], **job["meta"], **res,
             "flags_ever": {k: any(m[f"health_{k}"] for m in history) for k in SIGNALS},
@@ -122,23 +120,29 @@ def reference_run(job: dict) -> dict:
     """The teacher (with and without the image) and the initial student, assessed on the held-out rows."""
     info = _enter_worker(job)
     from ..config import load_config
-    from ..data.examples import load_jsonl
     from ..loops.embedded import resolve_paths
-    from ..models.modeling import load_model, load_processor
+    from ..models.modeling import load_model
     from .assess import assess
 
     cfg = load_config(None, job["overrides"])
     paths = resolve_paths(cfg, verbose=False)
-    proc = load_processor(paths["student"])
-    teacher = load_model(paths["teacher"]).eval()
+    proc, teacher, rows = _assessment_inputs(paths, job["eval_rows"])
     student = load_model(paths["student"]).eval()
-    rows = load_jsonl(paths["eval"])[:job["eval_rows"]]
     lk, mnt = cfg.loss_kwargs(), cfg.rollout.max_new_tokens
     return {"teacher": assess(teacher, teacher, proc, rows, lk, mnt, gap=False, text_only=False),
             "teacher_text": assess(teacher, teacher, proc, rows, lk, mnt, with_image=False, gap=False),
             "initial": assess(student, teacher, proc, rows, lk, mnt),
             "initial_text": assess(student, teacher, proc, rows, lk, mnt, with_image=False, gap=False),
             "machine": info}
+
+
+def _assessment_inputs(paths: dict, eval_rows: int):
+    """(the student's processor, the teacher in eval mode, the first ``eval_rows`` held-out rows) of a run."""
+    from ..data.examples import load_jsonl
+    from ..models.modeling import load_model, load_processor
+
+    return (load_processor(paths["student"]), load_model(paths["teacher"]).eval(),
+            load_jsonl(paths["eval"])[:eval_rows])
 
 
 def _run(job: dict) -> dict:

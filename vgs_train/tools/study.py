@@ -277,14 +277,10 @@ def readme_section(study: dict) -> str:
     ratio = [v["machine_sd"] / v["seed_sd"] for v in spread.values() if v["seed_sd"] > 0]
     if ratio:
         lines += ["", f"Machine against seed: changing only the instruction set moves one run's acc@1 by "
-                      f"{_mean([v['mean_abs_change'] for v in spread.values()]):.3f} on average; its spread is "
+                      f"{mean_ci([v['mean_abs_change'] for v in spread.values()])['mean']:.3f} on average; its spread is "
                       f"{min(ratio):.1f}-{max(ratio):.1f} x the seed-to-seed spread across the arms "
                       "(docs/demo.md)."]
     return "\n".join(lines)
-
-
-def _mean(xs):
-    return sum(xs) / len(xs) if xs else math.nan
 
 
 # ---------------------------------------------------------------------------- main
