@@ -258,7 +258,7 @@ def write_shipped(cfg: TrainConfig, out_dir: str, *, cache_dir: str | None = Non
                 if name != "prep.json":  # holds timings: informative, not part of the model
                     files[f"{m}/{name}"] = _sha256(os.path.join(dst, name))
         data_dir = os.path.dirname(paths["train"])
-        manifest = {"recipe": {k: v for k, v in stage_keys(cfg, with_versions=False).items()},
+        manifest = {"recipe": stage_keys(cfg, with_versions=False),
                     "settings": to_dict(cfg.embedded) | {"cache_dir": "", "shipped": True},
                     "data_pixels_sha256": pixels_sha256(data_dir), "files": files,
                     "prepared_on": {**machine.describe(), "versions": versions()}}
